@@ -1,0 +1,215 @@
+"""onnxruntime-genai anchor: build a model with genai's own builder and time generation with genai's API.
+
+Runs inside the anchor venv (`benchmarks/envs/setup.sh genai`), not the project venv, so it imports
+nothing from qwen_edge. Subcommands:
+
+  build   run `onnxruntime_genai.models.builder` on an HF directory; prints one JSON object
+          (wall seconds, peak RSS of the whole process tree, artifact bytes).
+  run     one measurement in this process: load, optional in-process warm-up, one greedy
+          generation; prints one JSON object (ttft_ms, prefill_tps, decode_tps, peak_rss_mb, ...).
+  repeat  one discarded warm-up process, then N `run` processes; prints each run's JSON line and
+          a last line with the median of each number ("run": "median").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+DEFAULT_PROMPT = "Write a Python function that checks whether a string is a palindrome."
+METRICS = ("ttft_ms", "prefill_tps", "decode_tps", "peak_rss_mb", "load_ms")
+
+
+def _fail(message: str) -> None:
+    """Exit with a one-line error."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _dir_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
+
+
+def build(args: argparse.Namespace) -> dict:
+    """Run genai's model builder on an HF directory, polling the process tree's RSS."""
+    import psutil
+
+    if not os.path.isfile(os.path.join(args.input, "config.json")):
+        _fail(f"{args.input} is not a Hugging Face model directory (no config.json); pass --input DIR")
+    out = os.path.abspath(args.output)
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out)}-")
+    cache = tempfile.mkdtemp(prefix="genai-builder-cache-")
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", args.input, "-o", tmp,
+           "-p", args.precision, "-e", "cpu", "-c", cache]
+    if args.extra_options:
+        cmd += ["--extra_options", *args.extra_options]
+    t0 = time.perf_counter()
+    proc = psutil.Popen(cmd, stdout=subprocess.DEVNULL if args.quiet else None)
+    peak = 0
+    while proc.poll() is None:
+        try:
+            tree = [proc, *proc.children(recursive=True)]
+            peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+        except psutil.Error:
+            pass
+        time.sleep(0.1)
+    seconds = time.perf_counter() - t0
+    shutil.rmtree(cache, ignore_errors=True)
+    if proc.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        _fail(f"the genai builder exited with {proc.returncode}; see its output above")
+    if os.path.exists(out):
+        shutil.rmtree(out)
+    os.rename(tmp, out)
+    files = {f: os.path.getsize(os.path.join(out, f)) for f in sorted(os.listdir(out))}
+    return {"anchor": "onnxruntime-genai", "command": " ".join(cmd[1:]).replace(tmp, out),
+            "build_s": round(seconds, 1), "peak_rss_mb": round(peak / 2**20, 1),
+            "artifact_bytes": _dir_bytes(out), "files": files}
+
+
+def _prompt_ids(tok, prompt: str, prompt_tokens: int | None) -> list[int]:
+    """Token ids of the chat-templated prompt; with prompt_tokens, filler code trimmed to that length."""
+    def templated(user: str) -> list[int]:
+        messages = json.dumps([{"role": "user", "content": user}])
+        return list(tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True)))
+
+    if prompt_tokens is None:
+        return templated(prompt)
+    import textwrap  # its source is a fixed, realistic filler text
+
+    with open(textwrap.__file__, encoding="utf-8") as f:
+        code = f.read()
+    head = "Explain what this code does:\n```python\n"
+    code_ids = list(tok.encode(code))
+    lo, hi = 0, len(code_ids)
+    while lo < hi:  # longest code prefix whose templated prompt fits
+        mid = (lo + hi + 1) // 2
+        if len(templated(head + tok.decode(code_ids[:mid]))) <= prompt_tokens:
+            lo = mid
+        else:
+            hi = mid - 1
+    ids = templated(head + tok.decode(code_ids[:lo]))
+    if len(ids) < prompt_tokens:  # decode/encode round trips can merge tokens: top up from the code
+        ids = ids[:-3] + code_ids[lo:lo + prompt_tokens - len(ids)] + ids[-3:]
+    if len(ids) != prompt_tokens:
+        _fail(f"could not build a prompt of exactly {prompt_tokens} tokens (got {len(ids)})")
+    return ids
+
+
+def _generate(og, model, ids: list[int], new_tokens: int) -> tuple[float, float, int]:
+    """Greedy generation of exactly new_tokens (EOS suppressed); returns (ttft_s, decode_s, count)."""
+    params = og.GeneratorParams(model)
+    total = len(ids) + new_tokens
+    params.set_search_options(do_sample=False, max_length=total, min_length=total)
+    gen = og.Generator(model, params)
+    t0 = time.perf_counter()
+    gen.append_tokens(ids)
+    gen.generate_next_token()
+    gen.get_next_tokens()
+    t1 = time.perf_counter()
+    count = 1
+    while count < new_tokens and not gen.is_done():
+        gen.generate_next_token()
+        gen.get_next_tokens()
+        count += 1
+    t2 = time.perf_counter()
+    return t1 - t0, t2 - t1, count
+
+
+def run(args: argparse.Namespace) -> dict:
+    """One measurement in this process: load, warm up, one timed greedy generation."""
+    if not os.path.isfile(os.path.join(args.model, "genai_config.json")):
+        _fail(f"{args.model} has no genai_config.json; build it first with `genai.py build`")
+    import onnxruntime_genai as og
+
+    t0 = time.perf_counter()
+    config = og.Config(args.model)
+    config.clear_providers()  # CPU
+    model = og.Model(config)
+    tok = og.Tokenizer(model)
+    load_ms = (time.perf_counter() - t0) * 1000
+    ids = _prompt_ids(tok, args.prompt, args.prompt_tokens)
+    if args.warmup_tokens:
+        _generate(og, model, ids, args.warmup_tokens)
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    ttft, decode, count = _generate(og, model, ids, args.new_tokens)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_s = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return {"anchor": "onnxruntime-genai", "ttft_ms": round(ttft * 1000, 1),
+            "prefill_tps": round(len(ids) / ttft, 1),
+            "decode_tps": round((count - 1) / decode, 2) if count > 1 else None,
+            "peak_rss_mb": round(after.ru_maxrss / 1024, 1), "prompt_tokens": len(ids), "new_tokens": count,
+            "load_ms": round(load_ms, 1),
+            # CPU seconds this process got during the timed generation vs its wall time: on a
+            # busy machine cpu_s / wall_s falls well below the thread count.
+            "cpu_s": round(cpu_s, 2), "wall_s": round(ttft + decode, 2),
+            "loadavg_1m": round(os.getloadavg()[0], 2)}
+
+
+def repeat(args: argparse.Namespace) -> list[dict]:
+    """A discarded warm-up process, then args.reps fresh `run` processes; prints each and the median."""
+    cmd = [sys.executable, os.path.abspath(__file__), "run", "--model", args.model,
+           "--new-tokens", str(args.new_tokens), "--warmup-tokens", str(args.warmup_tokens),
+           "--prompt", args.prompt]
+    if args.prompt_tokens is not None:
+        cmd += ["--prompt-tokens", str(args.prompt_tokens)]
+    runs = []
+    for i in range(args.reps + 1):
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            _fail(f"measurement process failed: {done.stderr.strip().splitlines()[-1:]}")
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        if i == 0:
+            continue
+        result["run"] = i
+        print(json.dumps(result), flush=True)
+        runs.append(result)
+    median = {k: statistics.median(r[k] for r in runs) for k in METRICS if runs[0].get(k) is not None}
+    median.update(run="median", anchor="onnxruntime-genai", prompt_tokens=runs[0]["prompt_tokens"],
+                  new_tokens=runs[0]["new_tokens"], reps=len(runs))
+    print(json.dumps(median), flush=True)
+    return runs
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="build an artifact with genai's model builder")
+    b.add_argument("--input", required=True, help="Hugging Face model directory (fp32)")
+    b.add_argument("--output", required=True, help="artifact directory to create (replaced if present)")
+    b.add_argument("--precision", default="int4", choices=["int4", "int8", "fp32"])
+    b.add_argument("--extra-options", nargs="*", help="KEY=VALUE pairs passed to the builder")
+    b.add_argument("--quiet", action="store_true", help="hide the builder's stdout")
+    for name in ("run", "repeat"):
+        p = sub.add_parser(name)
+        p.add_argument("--model", required=True, help="directory with genai_config.json")
+        p.add_argument("--prompt", default=DEFAULT_PROMPT, help="user message (chat template applied)")
+        p.add_argument("--prompt-tokens", type=int, help="instead: a code prompt of exactly N tokens")
+        p.add_argument("--new-tokens", type=int, default=128)
+        p.add_argument("--warmup-tokens", type=int, default=8,
+                       help="in-process warm-up generation before the timed one (0: none)")
+        if name == "repeat":
+            p.add_argument("--reps", type=int, default=3)
+    args = parser.parse_args(argv)
+    if getattr(args, "new_tokens", 1) < 1:
+        _fail("--new-tokens must be at least 1")
+    if args.cmd == "build":
+        print(json.dumps(build(args)), flush=True)
+    elif args.cmd == "run":
+        print(json.dumps(run(args)), flush=True)
+    else:
+        repeat(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""Recipe → artifact: open the source, emit and quantize the graph, check fidelity, write the manifest."""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx_ir as ir
+from tqdm import tqdm
+
+from edge.config import QwenConfig
+from edge.graph import DecoderGraph, GraphOptions, WeightPlan
+from edge.quantize import QuantSpec
+from edge.recipe import Precision, Profile, Recipe, recipe_profile
+from qwen_edge.errors import QwenEdgeError
+
+ALIGNMENT = 4096  # external data aligned for memory mapping
+
+
+@dataclass
+class BuildResult:
+    """Where the artifact went and what the build measured."""
+
+    out_dir: Path
+    manifest: dict
+
+
+LINEAR_PARTS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def weight_plan(precision: Precision, config: QwenConfig) -> WeightPlan:
+    """Translate a recipe's precision block into per-weight storage for the graph."""
+
+    def storage(bits: str, table: bool = False) -> QuantSpec | str:
+        if bits in ("fp32", "fp16"):
+            return bits
+        n = 4 if bits == "int4" else 8
+        method = "rtn" if precision.method == "mixed" else precision.method
+        # Float zero points (hqq) exist only for 4-bit MatMulNBits; tables and 8-bit use rtn.
+        if method == "hqq" and (table or n == 8):
+            method = "rtn"
+        symmetric = precision.symmetric and method == "rtn"
+        return QuantSpec(n, precision.block_size, symmetric, method)
+
+    overrides = ()
+    if precision.method == "mixed":
+        names = [f"model.layers.{i}.{part}.weight" for i in range(config.num_layers) for part in LINEAR_PARTS]
+        overrides = tuple((n, storage("int8")) for n in names if precision.bits_for(n) == "int8")
+    return WeightPlan(
+        linear=storage(precision.weights),
+        embedding=storage(precision.embedding_bits, table=True),
+        lm_head=storage(precision.lm_head_bits),
+        overrides=overrides,
+    )
+
+
+def export(source, out_dir: Path, plan: WeightPlan, options: GraphOptions, progress: bool = True) -> None:
+    """Write model.onnx + model.onnx.data and the tokenizer files of `source` into `out_dir`."""
+    graph = DecoderGraph(source.config, source.tensor, plan, options).build()
+    bar = tqdm(total=len(graph.graph.initializers), desc="export+quantize", unit="tensor", disable=not progress)
+    try:
+        ir.save(graph, out_dir / "model.onnx", external_data="model.onnx.data",
+                callback=lambda tensor, info: bar.update(1), alignment=ALIGNMENT)
+    finally:
+        bar.close()
+    source.write_tokenizer(out_dir)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, in MB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def build(recipe: Recipe, *, model: str | None = None, out: Path | None = None, evaluate: bool = True,
+          progress: bool = True, log=sys.stderr) -> BuildResult:
+    """Build the artifact a recipe describes; the directory appears only when everything succeeded."""
+    from edge.manifest import write_genai_config, write_manifest
+    from edge.sources import open_source
+
+    profile: Profile = recipe_profile(recipe)
+    out_dir = Path(out or Path("artifacts") / recipe.name).resolve()
+    start = time.perf_counter()
+    spec = model or recipe.resolve_source(progress=progress)
+    source = open_source(spec, progress=progress)
+    recipe.check_context_length(source.config.max_position_embeddings)
+    plan = weight_plan(recipe.precision, source.config)
+    options = GraphOptions(context_length=recipe.context_length, accuracy_level=profile.accuracy_level)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        print(f"building {recipe.name}: {source.config.family} {source.config.num_layers} layers, "
+              f"{recipe.precision.weights} ({recipe.precision.method}) from {spec}", file=log)
+        export(source, staging, plan, options, progress)
+        write_genai_config(staging, source.config, recipe.context_length, profile)
+        export_seconds = time.perf_counter() - start
+        export_peak = peak_rss_mb()
+        fidelity = None
+        if evaluate and recipe.fidelity.enabled:
+            fidelity = _check_fidelity(staging, source, recipe, profile, progress)
+        stats = {"seconds": round(time.perf_counter() - start, 1), "export_seconds": round(export_seconds, 1),
+                 "export_peak_rss_mb": round(export_peak), "peak_rss_mb": round(peak_rss_mb())}
+        manifest = write_manifest(staging, recipe=recipe, profile=profile, source_fingerprint=source.fingerprint(),
+                                  config=source.config, precision=recipe.precision, fidelity=fidelity,
+                                  build_stats=stats)
+        _replace_dir(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return BuildResult(out_dir, manifest)
+
+
+def _check_fidelity(artifact_dir: Path, source, recipe: Recipe, profile: Profile, progress: bool) -> dict:
+    from transformers import AutoTokenizer
+
+    from edge import fidelity
+
+    reference = source.reference_model()
+    tokenizer = AutoTokenizer.from_pretrained(str(artifact_dir))
+    result = fidelity.evaluate(artifact_dir, reference, tokenizer, progress=progress,
+                               max_tokens=recipe.fidelity.max_tokens)
+    result["greedy"] = fidelity.greedy_match(artifact_dir, reference, tokenizer, progress=progress)
+    del reference
+    fidelity.check_threshold(result, profile)
+    return result
+
+
+def _replace_dir(staging: Path, out_dir: Path) -> None:
+    if out_dir.exists():
+        if not (out_dir / "manifest.json").exists() and any(out_dir.iterdir()):
+            raise QwenEdgeError(f"{out_dir} exists and is not a qwen-edge artifact; choose another --out")
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        out_dir.rename(old)
+        staging.rename(out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        staging.rename(out_dir)

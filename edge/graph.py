@@ -1,0 +1,314 @@
+"""Emit the Qwen2/Qwen3 decoder as an ONNX graph for ONNX Runtime's CPU contrib kernels.
+
+The graph is described once with onnx-ir; every weight is a lazy tensor that reads, and if
+asked quantizes, one source tensor only when the model is written, so peak memory stays near
+the size of the largest single matrix rather than the whole model.
+
+Inputs and outputs follow docs/ARCHITECTURE.md (onnxruntime-genai's decoder layout with a
+shared past/present KV buffer), plus the optional ``num_logits_to_keep`` input.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import onnx_ir as ir
+
+from edge.config import QwenConfig
+from edge.quantize import BlockQuantized, QuantSpec, quantize
+
+MS = "com.microsoft"
+OPSET = 21
+INT64_MAX = np.iinfo(np.int64).max
+
+
+@dataclass(frozen=True)
+class WeightPlan:
+    """How each kind of weight is stored: a QuantSpec, or "fp32" / "fp16" for float storage."""
+
+    linear: QuantSpec | str
+    embedding: QuantSpec | str
+    lm_head: QuantSpec | str
+    overrides: tuple[tuple[str, QuantSpec | str], ...] = ()  # (HF weight name, storage) for mixed precision
+
+    def for_linear(self, names: list[str]) -> QuantSpec | str:
+        """Storage of a (possibly packed) linear: the most precise storage any of its parts asks for."""
+        chosen = dict(self.overrides)
+        return max((chosen.get(n, self.linear) for n in names), key=_precision_rank)
+
+
+def _precision_rank(storage: QuantSpec | str) -> int:
+    return {"fp32": 32, "fp16": 16}[storage] if isinstance(storage, str) else storage.bits
+
+
+@dataclass(frozen=True)
+class GraphOptions:
+    """Graph-level choices: context length (rotary cache size) and MatMulNBits accuracy level."""
+
+    context_length: int
+    accuracy_level: int = 4
+
+
+TensorReader = Callable[[str], np.ndarray]
+
+
+class _Memo:
+    """Compute a multi-part weight once and hand each part out once, then forget it."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._entries: dict[str, tuple[dict, set]] = {}
+
+    def part(self, key: str, parts: tuple[str, ...], compute: Callable[[], dict], which: str) -> np.ndarray:
+        with self._lock:
+            if key not in self._entries:
+                self._entries[key] = (compute(), set(parts))
+            values, pending = self._entries[key]
+            pending.discard(which)
+            if not pending:
+                del self._entries[key]
+            return values[which]
+
+
+class DecoderGraph:
+    """Builds the ONNX decoder for one QwenConfig from a tensor reader (HF names → fp32 arrays)."""
+
+    def __init__(self, config: QwenConfig, read: TensorReader, plan: WeightPlan, options: GraphOptions):
+        self.cfg = config
+        self.read = read
+        self.plan = plan
+        self.opts = options
+        self.memo = _Memo()
+        self.initializers: list[ir.Value] = []
+        self.nodes: list[ir.Node] = []
+        self._count = 0
+
+    # ----- small helpers -------------------------------------------------------------------
+    def _op(self, op_type: str, inputs, attrs=None, *, domain: str = "", outputs: int = 1, name: str | None = None):
+        self._count += 1
+        node_name = name or f"/{op_type}_{self._count}"
+        node = ir.node(op_type, inputs, attributes=attrs or {}, domain=domain, num_outputs=outputs, name=node_name)
+        for i, out in enumerate(node.outputs):
+            out.name = f"{node_name}/output_{i}"
+        self.nodes.append(node)
+        return node.outputs[0] if outputs == 1 else node.outputs
+
+    def _const(self, name: str, array: np.ndarray) -> ir.Value:
+        value = ir.Value(name=name, type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+                         shape=ir.Shape(array.shape), const_value=ir.tensor(array, name=name))
+        self.initializers.append(value)
+        return value
+
+    def _lazy(self, name: str, dtype: np.dtype, shape: tuple[int, ...], produce: Callable[[], np.ndarray]) -> ir.Value:
+        def load():
+            array = produce()
+            assert array.shape == shape and array.dtype == dtype, (name, array.shape, shape, array.dtype, dtype)
+            return ir.tensor(array, name=name)
+
+        tensor = ir.LazyTensor(load, dtype=ir.DataType.from_numpy(np.dtype(dtype)), shape=ir.Shape(shape), name=name)
+        value = ir.Value(name=name, type=ir.TensorType(tensor.dtype), shape=tensor.shape, const_value=tensor)
+        self.initializers.append(value)
+        return value
+
+    def _read_rows(self, names: list[str]) -> np.ndarray:
+        arrays = [self.read(n) for n in names]
+        return arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=0)
+
+    # ----- weights -------------------------------------------------------------------------
+    def _float_weight(self, key: str, names: list[str], n: int, k: int, storage: str) -> ir.Value:
+        """A [K, N] MatMul weight stored as fp32, or fp16 cast back to fp32 at load."""
+        dtype = np.float32 if storage == "fp32" else np.float16
+        w = self._lazy(f"{key}.weight_t", np.dtype(dtype), (k, n),
+                       lambda: np.ascontiguousarray(self._read_rows(names).T).astype(dtype))
+        return w if storage == "fp32" else self._op("Cast", [w], {"to": ir.DataType.FLOAT})
+
+    def _quantized(self, key: str, names: list[str], n: int, k: int, spec: QuantSpec) -> tuple[ir.Value, ...]:
+        """Lazy MatMulNBits blobs (packed, scales, zero points or None) for the rows of `names`."""
+        kb = -(-k // spec.block_size)
+        blob = spec.block_size * spec.bits // 8
+        asym = not spec.symmetric or spec.method != "rtn"
+        parts = ("packed", "scales") + (("zp",) if asym else ())
+
+        def compute() -> dict:
+            q: BlockQuantized = quantize(self._read_rows(names), spec)
+            return {"packed": q.packed, "scales": q.scales, "zp": q.zero_points}
+
+        def getter(which):
+            return lambda: self.memo.part(key, parts, compute, which)
+
+        packed = self._lazy(f"{key}.qweight", np.dtype(np.uint8), (n, kb, blob), getter("packed"))
+        scales = self._lazy(f"{key}.scales", np.dtype(np.float32), (n, kb), getter("scales"))
+        zp = None
+        if asym:
+            if spec.method == "hqq":
+                zp = self._lazy(f"{key}.zero_points", np.dtype(np.float32), (n, kb), getter("zp"))
+            else:
+                zp = self._lazy(f"{key}.zero_points", np.dtype(np.uint8), (n, -(-kb * spec.bits // 8)), getter("zp"))
+        return packed, scales, zp
+
+    def _linear(self, x: ir.Value, key: str, names: list[str], n: int, k: int, storage, bias: ir.Value | None = None):
+        if isinstance(storage, str):
+            y = self._op("MatMul", [x, self._float_weight(key, names, n, k, storage)])
+            return self._op("Add", [y, bias]) if bias is not None else y
+        packed, scales, zp = self._quantized(key, names, n, k, storage)
+        attrs = {"K": k, "N": n, "bits": storage.bits, "block_size": storage.block_size,
+                 "accuracy_level": self.opts.accuracy_level}
+        return self._op("MatMulNBits", [x, packed, scales, zp, None, bias], attrs, domain=MS, name=f"/{key}/MatMulNBits")
+
+    def _vector(self, name: str) -> ir.Value:
+        size = int(np.prod(self._shape_of_vector(name)))
+        return self._lazy(name, np.dtype(np.float32), (size,), lambda: self.read(name).astype(np.float32).reshape(-1))
+
+    def _shape_of_vector(self, name: str) -> tuple[int]:
+        c = self.cfg
+        if name.endswith(("q_norm.weight", "k_norm.weight")):
+            return (c.head_dim,)
+        if name.endswith("q_proj.bias"):
+            return (c.num_heads * c.head_dim,)
+        if name.endswith(("k_proj.bias", "v_proj.bias")):
+            return (c.num_kv_heads * c.head_dim,)
+        return (c.hidden_size,)
+
+    # ----- blocks --------------------------------------------------------------------------
+    def _embedding(self, input_ids: ir.Value) -> tuple[ir.Value, BlockQuantized | None]:
+        c = self.cfg
+        storage = self.plan.embedding
+        name = "model.embed_tokens.weight"
+        if isinstance(storage, str):
+            dtype = np.float32 if storage == "fp32" else np.float16
+            table = self._lazy(name, np.dtype(dtype), (c.vocab_size, c.hidden_size),
+                               lambda: self.read(name).astype(dtype))
+            x = self._op("Gather", [table, input_ids], {"axis": 0})
+            return (x if storage == "fp32" else self._op("Cast", [x], {"to": ir.DataType.FLOAT})), None
+        packed, scales, zp = self._quantized("model.embed_tokens", [name], c.vocab_size, c.hidden_size, storage)
+        self._embed_blobs = (packed, scales, zp)
+        flat = self._op("Reshape", [packed, self._const("embed_data_shape", np.array([c.vocab_size, -1], np.int64))])
+        attrs = {"gather_axis": 0, "quantize_axis": 1, "block_size": storage.block_size, "bits": storage.bits}
+        return self._op("GatherBlockQuantized", [flat, input_ids, scales, zp], attrs, domain=MS), None
+
+    def _norm(self, x, weight_name: str):
+        return self._op("SimplifiedLayerNormalization", [x, self._vector(weight_name)],
+                        {"axis": -1, "epsilon": self.cfg.rms_norm_eps, "stash_type": 1})
+
+    def _skip_norm(self, x, residual, weight_name: str):
+        out = self._op("SkipSimplifiedLayerNormalization", [x, residual, self._vector(weight_name)],
+                       {"epsilon": self.cfg.rms_norm_eps}, domain=MS, outputs=4)
+        return out[0], out[3]
+
+    def _head_norm(self, x, heads: int, weight_name: str):
+        c = self.cfg
+        split = self._op("Reshape", [x, self._const(f"{weight_name}.heads_shape", np.array([0, 0, heads, c.head_dim], np.int64))])
+        normed = self._norm(split, weight_name)
+        return self._op("Reshape", [normed, self._const(f"{weight_name}.merge_shape", np.array([0, 0, heads * c.head_dim], np.int64))])
+
+    def _attention(self, i: int, x, past_k, past_v, seqlens_k, total_len, cos, sin):
+        c = self.cfg
+        p = f"model.layers.{i}.self_attn"
+        q_n, kv_n = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        names = [f"{p}.q_proj.weight", f"{p}.k_proj.weight", f"{p}.v_proj.weight"]
+        storage = self.plan.for_linear(names)
+        bias = None
+        if c.attention_bias:
+            bias = self._lazy(f"{p}.qkv_proj.bias", np.dtype(np.float32), (q_n + 2 * kv_n,),
+                              lambda: np.concatenate([self.read(f"{p}.{w}_proj.bias") for w in "qkv"]).astype(np.float32))
+        qkv = self._linear(x, f"{p}.qkv_proj", names, q_n + 2 * kv_n, c.hidden_size, storage, bias)
+        if c.qk_norm:
+            q, k, v = self._op("Split", [qkv, self._const(f"{p}.qkv_split", np.array([q_n, kv_n, kv_n], np.int64))],
+                               {"axis": -1}, outputs=3)
+            q = self._head_norm(q, c.num_heads, f"{p}.q_norm.weight")
+            k = self._head_norm(k, c.num_kv_heads, f"{p}.k_norm.weight")
+            gqa_in = [q, k, v]
+        else:
+            gqa_in = [qkv, None, None]
+        attrs = {"num_heads": c.num_heads, "kv_num_heads": c.num_kv_heads, "do_rotary": 1,
+                 "rotary_interleaved": 0, "local_window_size": -1, "scale": float(c.head_dim) ** -0.5}
+        out, present_k, present_v = self._op(
+            "GroupQueryAttention", [*gqa_in, past_k, past_v, seqlens_k, total_len, cos, sin], attrs,
+            domain=MS, outputs=3, name=f"/model/layers.{i}/attn/GroupQueryAttention")
+        o_name = f"{p}.o_proj.weight"
+        y = self._linear(out, f"{p}.o_proj", [o_name], c.hidden_size, q_n, self.plan.for_linear([o_name]))
+        return y, present_k, present_v
+
+    def _mlp(self, i: int, x):
+        c = self.cfg
+        p = f"model.layers.{i}.mlp"
+        gate_up_names = [f"{p}.gate_proj.weight", f"{p}.up_proj.weight"]
+        gate_up = self._linear(x, f"{p}.gate_up_proj", gate_up_names, 2 * c.intermediate_size, c.hidden_size,
+                               self.plan.for_linear(gate_up_names))
+        gate, up = self._op("Split", [gate_up, self._const(f"{p}.gate_up_split", np.array([c.intermediate_size] * 2, np.int64))],
+                            {"axis": -1}, outputs=2)
+        act = self._op("Mul", [self._op("Mul", [gate, self._op("Sigmoid", [gate])]), up])
+        down = f"{p}.down_proj.weight"
+        return self._linear(act, f"{p}.down_proj", [down], c.hidden_size, c.intermediate_size, self.plan.for_linear([down]))
+
+    def _rotary_caches(self) -> tuple[ir.Value, ir.Value]:
+        c = self.cfg
+        inv_freq = 1.0 / (c.rope_theta ** (np.arange(0, c.head_dim, 2, dtype=np.float64) / c.head_dim))
+        angles = np.outer(np.arange(self.opts.context_length, dtype=np.float64), inv_freq)
+        return (self._const("cos_cache", np.cos(angles).astype(np.float32)),
+                self._const("sin_cache", np.sin(angles).astype(np.float32)))
+
+    def _lm_head(self, x):
+        c = self.cfg
+        storage = self.plan.lm_head
+        if c.tie_word_embeddings and not isinstance(storage, str) and storage == self.plan.embedding:
+            packed, scales, zp = self._embed_blobs  # one copy shared with the embedding
+            attrs = {"K": c.hidden_size, "N": c.vocab_size, "bits": storage.bits, "block_size": storage.block_size,
+                     "accuracy_level": self.opts.accuracy_level}
+            return self._op("MatMulNBits", [x, packed, scales, zp], attrs, domain=MS, name="/lm_head/MatMulNBits")
+        name = "model.embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight"
+        return self._linear(x, "lm_head", [name], c.vocab_size, c.hidden_size, storage)
+
+    # ----- the whole model -----------------------------------------------------------------
+    def build(self) -> ir.Model:
+        """Describe the full decoder; tensors are read only when the model is saved."""
+        c = self.cfg
+        f32, i64 = ir.DataType.FLOAT, ir.DataType.INT64
+        input_ids = ir.val("input_ids", i64, ["batch_size", "sequence_length"])
+        mask = ir.val("attention_mask", i64, ["batch_size", "total_sequence_length"])
+        kv_shape = ["batch_size", c.num_kv_heads, "past_sequence_length", c.head_dim]
+        pasts = [(ir.val(f"past_key_values.{i}.key", f32, kv_shape), ir.val(f"past_key_values.{i}.value", f32, kv_shape))
+                 for i in range(c.num_layers)]
+        keep = self._const("num_logits_to_keep", np.array(0, np.int64))
+
+        seqlens = self._op("Sub", [self._op("ReduceSum", [mask, self._const("reduce_axis", np.array([1], np.int64))], {"keepdims": 0}),
+                                   self._const("one", np.array(1, np.int64))])
+        seqlens_k = self._op("Cast", [seqlens], {"to": ir.DataType.INT32})
+        total = self._op("Gather", [self._op("Shape", [mask]), self._const("one_index", np.array(1, np.int64))], {"axis": 0})
+        total_len = self._op("Cast", [total], {"to": ir.DataType.INT32})
+        cos, sin = self._rotary_caches()
+
+        hidden, _ = self._embedding(input_ids)
+        presents = []
+        residual = hidden
+        x = self._norm(hidden, "model.layers.0.input_layernorm.weight")
+        for i in range(c.num_layers):
+            attn, pk, pv = self._attention(i, x, *pasts[i], seqlens_k, total_len, cos, sin)
+            pk.name, pv.name = f"present.{i}.key", f"present.{i}.value"
+            presents += [pk, pv]
+            x, residual = self._skip_norm(attn, residual, f"model.layers.{i}.post_attention_layernorm.weight")
+            mlp = self._mlp(i, x)
+            next_norm = f"model.layers.{i + 1}.input_layernorm.weight" if i + 1 < c.num_layers else "model.norm.weight"
+            x, residual = self._skip_norm(mlp, residual, next_norm)
+
+        starts = self._op("Unsqueeze", [self._op("Neg", [keep]), self._const("zero_axis", np.array([0], np.int64))])
+        kept = self._op("Slice", [x, starts, self._const("slice_end", np.array([INT64_MAX], np.int64)),
+                                  self._const("seq_axis", np.array([1], np.int64))])
+        logits = self._lm_head(kept)
+        logits.name = "logits"
+
+        keep_input = ir.val("num_logits_to_keep", i64, [])
+        # The input and the initializer share one Value: the initializer is its default.
+        self.initializers.remove(keep)
+        keep_input.const_value = keep.const_value
+        for use_node, idx in list(keep.uses()):
+            use_node.replace_input_with(idx, keep_input)
+        self.initializers.append(keep_input)
+
+        inputs = [input_ids, mask, *[v for pair in pasts for v in pair], keep_input]
+        graph = ir.Graph(inputs, [logits, *presents], nodes=self.nodes, initializers=self.initializers,
+                         opset_imports={"": OPSET, MS: 1}, name="qwen_edge_decoder")
+        return ir.Model(graph, ir_version=10, producer_name="qwen-edge")

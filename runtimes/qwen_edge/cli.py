@@ -1,0 +1,329 @@
+"""`qwen-edge` command line: run, chat, inspect, bench on an artifact; build-side commands via `edge`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import statistics
+import sys
+from typing import Iterable
+
+import numpy as np
+
+from . import __version__
+from .artifact import VERIFY_MODES, Artifact
+from .chat import ChatSession
+from .errors import QwenEdgeError
+from .generator import Generation, Generator
+from .sampling import SamplingParams
+
+BUILD_HINT = "pip install 'qwen-edge[build]'"
+
+
+# -- run / chat ----------------------------------------------------------------------------------
+
+
+def _open(args) -> Generator:
+    return Generator(Artifact.open(args.artifact, verify=args.verify), max_length=args.max_length)
+
+
+def _params(args) -> SamplingParams:
+    return SamplingParams(
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+    )
+
+
+def _chat_session(args, gen: Generator) -> ChatSession:
+    return ChatSession(gen, system=args.system, enable_thinking=args.think, thinking_budget=args.thinking_budget)
+
+
+def _stream(pieces: Iterable[str]) -> None:
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+
+
+def _report(gen: Generation) -> None:
+    s = gen.stats
+    print(
+        f"[{gen.finish_reason}] prompt {s.prompt_tokens} tokens ({s.reused_tokens} cached), {s.new_tokens} new | "
+        f"ttft {s.ttft_s * 1000:.0f} ms | prefill {s.prefill_tps:.1f} tok/s | decode {s.decode_tps:.1f} tok/s",
+        file=sys.stderr,
+    )
+    if gen.notice:
+        print(f"qwen-edge: note: {gen.notice}", file=sys.stderr)
+
+
+def cmd_run(args) -> int:
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    gen = _open(args)
+    params = _params(args)
+    if args.no_chat_template:
+        if args.system or args.think is not None or args.thinking_budget is not None:
+            raise QwenEdgeError("--system, --think and --thinking-budget need the chat template; drop --no-chat-template")
+        result = gen.generate(gen.encode(prompt, add_special_tokens=True), params, args.max_new_tokens)
+        _stream(result)
+    else:
+        chat = _chat_session(args, gen)
+        _stream(chat.send(prompt, params, args.max_new_tokens))
+        result = chat.last
+    _report(result)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    gen = _open(args)
+    chat = _chat_session(args, gen)
+    params = _params(args)
+    print(f"qwen-edge chat ({gen.artifact.model.family}, context {gen.max_length}); /reset starts over, /exit quits",
+          file=sys.stderr)
+    while True:
+        sys.stderr.write("> ")
+        sys.stderr.flush()
+        line = sys.stdin.readline()
+        if not line:
+            return 0
+        text = line.strip()
+        if text == "/exit":
+            return 0
+        if text == "/reset":
+            chat.reset()
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        if not text:
+            continue
+        pieces = chat.send(text, params, args.max_new_tokens)
+        try:
+            _stream(pieces)
+        except KeyboardInterrupt:
+            pieces.close()
+            print("\n(interrupted)", file=sys.stderr)
+            continue
+        except QwenEdgeError as e:  # e.g. the conversation outgrew the context: the session goes on
+            print(f"qwen-edge: error: {e}", file=sys.stderr)
+            continue
+        if chat.last.notice:
+            print(f"qwen-edge: note: {chat.last.notice}", file=sys.stderr)
+
+
+# -- inspect -------------------------------------------------------------------------------------
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""
+
+
+def _flat(value, top: bool = True) -> str:
+    """One-line `key=value, ...` form of a manifest block (nested blocks in braces, descriptions left out)."""
+    if isinstance(value, dict):
+        text = ", ".join(f"{k}={_flat(v, False)}" for k, v in value.items() if k != "description" and v is not None)
+        return text if top else "{" + text + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_flat(v, False) for v in value) + "]"
+    return str(value)
+
+
+def cmd_inspect(args) -> int:
+    art = Artifact.open(args.artifact, verify=args.verify)
+    m = art.manifest
+    if args.json:
+        print(json.dumps(m, indent=2, ensure_ascii=False))
+        return 0
+    info = art.model
+    print(f"artifact   {art.root}  (format {m['format']} v{m['format_version']}, files verified: {args.verify})")
+    print(f"model      {info.family}, {info.num_layers} layers, {info.num_kv_heads} KV heads x {info.head_dim}, "
+          f"vocab {info.vocab_size}, context {info.context_length}, eos {list(info.eos_token_ids)}")
+    for key in ("recipe", "precision", "source", "profile", "fidelity", "build", "tools"):
+        print(f"{key:<10} {_flat(m[key]) if m.get(key) else 'not recorded'}")
+    total = sum(int(e["size"]) for e in art.files.values())
+    print(f"files      {len(art.files)} files, {_size(total)} (+ manifest.json)")
+    for name, entry in sorted(art.files.items()):
+        print(f"  {name:<28} {_size(int(entry['size'])):>10}  sha256 {entry['sha256'][:12]}")
+    return 0
+
+
+# -- bench ---------------------------------------------------------------------------------------
+
+
+def _peak_rss_mb() -> float | None:
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def _spread(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def cmd_bench(args) -> int:
+    if min(args.p, args.n, args.r) < 1:
+        raise QwenEdgeError("-p, -n and -r must each be at least 1")
+    art = Artifact.open(args.artifact, verify=args.verify)
+    max_length = args.max_length or min(art.model.context_length, args.p + args.n)
+    if args.p + args.n > max_length:
+        raise QwenEdgeError(
+            f"-p {args.p} + -n {args.n} exceed the context of {max_length} tokens; lower -p/-n or raise --max-length"
+        )
+    gen = Generator(art, max_length=max_length)
+    vocab = gen.tokenizer.get_vocab_size(with_added_tokens=False)
+    prompt = np.random.default_rng(0).integers(0, vocab, size=args.p, dtype=np.int64)
+    greedy = SamplingParams()
+
+    def once(ids, n):
+        gen.reset()
+        result = gen.generate(ids, greedy, n, stop_token_ids=())
+        result.read()
+        return result.stats
+
+    once(prompt[: min(args.p, gen.prefill_chunk)], min(args.n, 2))  # warm-up, not counted
+    runs = [once(prompt, args.n) for _ in range(args.r)]
+    ttft = _spread([s.ttft_s * 1000 for s in runs])
+    prefill = _spread([s.prefill_tps for s in runs])
+    decode = _spread([s.decode_tps for s in runs])
+    result = {
+        "model": art.model.family,
+        "precision": art.manifest.get("precision"),
+        "prompt_tokens": args.p,
+        "new_tokens": args.n,
+        "repetitions": args.r,
+        "ttft_ms": ttft["median"],
+        "prefill_tps": prefill["median"],
+        "decode_tps": decode["median"],
+        "spread": {"ttft_ms": ttft, "prefill_tps": prefill, "decode_tps": decode},
+        "peak_rss_mb": _peak_rss_mb(),
+        "threads": art.profile.get("intra_op_num_threads", 0),
+        "execution_provider": art.profile.get("execution_provider", "cpu"),
+    }
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"| {'test':<8} | {'median':>10} | {'min':>10} | {'max':>10} |")
+    print(f"| {'-' * 8} | {'-' * 10} | {'-' * 10} | {'-' * 10} |")
+    for label, stats, unit in ((f"pp{args.p}", prefill, "t/s"), (f"tg{args.n}", decode, "t/s"), ("ttft", ttft, "ms")):
+        cells = " | ".join(f"{stats[k]:>6.1f} {unit:<3}" for k in ("median", "min", "max"))
+        print(f"| {label:<8} | {cells} |")
+    rss = result["peak_rss_mb"]
+    print(f"{args.r} runs after a warm-up; peak RSS {rss:.0f} MB" if rss is not None else f"{args.r} runs after a warm-up")
+    return 0
+
+
+# -- build side ----------------------------------------------------------------------------------
+
+
+def _edge_command(name: str):
+    def run(args) -> int:
+        try:
+            commands = importlib.import_module("edge.commands")
+        except ImportError as e:
+            raise QwenEdgeError(f"`qwen-edge {args.command}` needs the build tools ({e.name} is missing): {BUILD_HINT}") from None
+        return getattr(commands, name)(args) or 0
+
+    return run
+
+
+# -- parser --------------------------------------------------------------------------------------
+
+
+def _add_artifact_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("artifact", help="artifact directory written by `qwen-edge build`")
+    p.add_argument("--verify", choices=VERIFY_MODES, default="full",
+                   help="check files against manifest.json: size + sha256 (full), size only, or none (default full)")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="KV cache length in tokens (default: the artifact's context length); smaller saves memory")
+
+
+def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=256, help="tokens to generate at most (default 256)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability (0 = off)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="penalty for tokens already seen (1 = off)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--think", action=argparse.BooleanOptionalAction, default=None,
+                   help="Qwen3: turn thinking on/off (default: the template's default)")
+    p.add_argument("--thinking-budget", type=int, default=None,
+                   help="Qwen3: close thinking after this many tokens and answer")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `qwen-edge` argument parser."""
+    parser = argparse.ArgumentParser(prog="qwen-edge", description="Build and run small Qwen models on device.")
+    parser.add_argument("--version", action="version", version=f"qwen-edge {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="generate a reply to one prompt (streams to stdout)")
+    _add_artifact_args(p)
+    p.add_argument("prompt", help="the prompt text, or - to read it from stdin")
+    _add_generation_args(p)
+    p.add_argument("--no-chat-template", action="store_true", help="raw completion of the prompt, no chat template")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("chat", help="interactive multi-turn chat on stdin/stdout")
+    _add_artifact_args(p)
+    _add_generation_args(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("inspect", help="summarize an artifact's manifest")
+    _add_artifact_args(p)
+    p.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("bench", help="measure time to first token, prefill and decode speed")
+    _add_artifact_args(p)
+    p.add_argument("-p", type=int, default=512, help="prompt tokens (default 512)")
+    p.add_argument("-n", type=int, default=128, help="generated tokens (default 128)")
+    p.add_argument("-r", type=int, default=3, help="repetitions after one warm-up (default 3)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("build", help="build an artifact from a recipe (needs qwen-edge[build])")
+    p.add_argument("recipe", help="recipe name (see `qwen-edge recipes`) or path to a recipe YAML")
+    p.add_argument("--model", default=None, help="source: HF directory, Hub id or GGUF file (default: the recipe's)")
+    p.add_argument("--out", default=None, help="output directory")
+    p.add_argument("--no-eval", action="store_true", help="skip the fidelity check")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=_edge_command("build"))
+
+    p = sub.add_parser("eval", help="measure an artifact's fidelity against the fp32 model (needs qwen-edge[build])")
+    p.add_argument("artifact", help="artifact directory")
+    p.add_argument("--reference", default=None, help="reference source (default: the manifest's source)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_edge_command("evaluate"))
+
+    p = sub.add_parser("recipes", help="list the built-in recipes (needs qwen-edge[build])")
+    p.set_defaults(func=_edge_command("recipes"))
+
+    p = sub.add_parser("profiles", help="list the device profiles (needs qwen-edge[build])")
+    p.set_defaults(func=_edge_command("profiles"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `qwen-edge`; returns the exit code (2 for user errors, 130 on Ctrl-C)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except QwenEdgeError as e:
+        print(f"qwen-edge: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        sys.stdout.flush()
+        print("\nqwen-edge: interrupted", file=sys.stderr)
+        return 130
