@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from edge.config import QwenConfig
+from edge.pypi_gguf import cache_root
 from qwen_edge.errors import QwenEdgeError
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -33,17 +34,12 @@ class SourceError(QwenEdgeError):
     """A model source that cannot be opened or read."""
 
 
-def default_cache_dir() -> Path:
-    """qwen-edge's own cache (weight hashes): $XDG_CACHE_HOME/qwen-edge or ~/.cache/qwen-edge."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qwen-edge"
-
-
 def file_sha256(path: Path, cache_dir: Path | None = None, progress: bool = False) -> str:
     """sha256 of a file, streamed; remembered in a sidecar keyed by path, size and mtime."""
     path = Path(path).resolve()
     st = path.stat()
     key = {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    sidecar = (Path(cache_dir) if cache_dir else default_cache_dir()) / "sha256" / (
+    sidecar = cache_root(cache_dir) / "sha256" / (
         hashlib.sha256(str(path).encode()).hexdigest()[:32] + ".json"
     )
     try:
@@ -330,7 +326,7 @@ def open_source(spec: str, *, cache_dir: Path | str | None = None, progress: boo
     """Open a HF model directory, a .gguf file, or a Hub id (`Qwen/Qwen2.5-0.5B-Instruct`) as a Source.
 
     Hub downloads go to the Hugging Face cache; `cache_dir` holds qwen-edge's weight-hash sidecars
-    (default `default_cache_dir()`). `progress` shows download and hashing bars.
+    (default $QWEN_EDGE_CACHE or ~/.cache/qwen-edge). `progress` shows download and hashing bars.
     """
     spec = str(spec)
     path = Path(spec).expanduser()

@@ -77,3 +77,24 @@ def tiny_qwen2_gguf(tiny_gguf) -> Path:
 def tiny_qwen3_gguf(tiny_gguf) -> Path:
     """`tiny_qwen3` as an F32 GGUF file (tensors equal to the safetensors ones)."""
     return tiny_gguf("qwen3", tied=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tiny_model, tmp_path_factory):
+    """Factory `tiny_artifact(family="qwen2", tied=False, weights="fp32", **precision) -> Path` of a built artifact (cached)."""
+    from edge.build import build
+    from edge.recipe import Precision, Recipe
+
+    root = tmp_path_factory.mktemp("tiny_artifacts")
+    built: dict[tuple, Path] = {}
+
+    def make(family: str = "qwen2", tied: bool = False, weights: str = "fp32", **precision) -> Path:
+        key = (family, bool(tied), weights, tuple(sorted(precision.items())))
+        if key not in built:
+            recipe = Recipe(name="tiny", source=str(tiny_model(family, tied)), context_length=256,
+                            precision=Precision(weights=weights, **precision), fidelity={"enabled": False})
+            out = root / f"{family}-{'tied' if tied else 'untied'}-{weights}-{len(built)}"
+            built[key] = build(recipe, out=out, progress=False).out_dir
+        return built[key]
+
+    return make

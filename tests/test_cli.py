@@ -14,13 +14,8 @@ from qwen_edge.sampling import SamplingParams
 
 
 @pytest.fixture(scope="module")
-def artifact(tiny_qwen3, tmp_path_factory):
-    from edge.build import build
-    from edge.recipe import Precision, Recipe
-
-    recipe = Recipe(name="t", source=str(tiny_qwen3), context_length=256, precision=Precision(weights="int4"),
-                    fidelity={"enabled": False})
-    return str(build(recipe, out=tmp_path_factory.mktemp("cli") / "art", progress=False).out_dir)
+def artifact(tiny_artifact):
+    return str(tiny_artifact("qwen3", tied=True, weights="int4"))
 
 
 def test_run_streams_the_chat_reply(artifact, capsys):

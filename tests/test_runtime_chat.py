@@ -18,23 +18,14 @@ CONVERSATION = [
 ]
 
 
-def build_artifact(source, out):
-    from edge.build import build
-    from edge.recipe import Precision, Recipe
-
-    recipe = Recipe(name="t", source=str(source), context_length=256, precision=Precision(weights="fp32"),
-                    fidelity={"enabled": False})
-    return build(recipe, out=out, progress=False).out_dir
+@pytest.fixture(scope="module")
+def qwen3_gen(tiny_artifact):
+    return Generator(Artifact.open(tiny_artifact("qwen3", tied=True)))
 
 
 @pytest.fixture(scope="module")
-def qwen3_gen(tiny_qwen3, tmp_path_factory):
-    return Generator(Artifact.open(build_artifact(tiny_qwen3, tmp_path_factory.mktemp("chat") / "q3")))
-
-
-@pytest.fixture(scope="module")
-def qwen2_gen(tiny_qwen2, tmp_path_factory):
-    return Generator(Artifact.open(build_artifact(tiny_qwen2, tmp_path_factory.mktemp("chat") / "q2")))
+def qwen2_gen(tiny_artifact):
+    return Generator(Artifact.open(tiny_artifact("qwen2")))
 
 
 @pytest.mark.parametrize("family", ["qwen2", "qwen3"])

@@ -12,19 +12,9 @@ from qwen_edge.sampling import SamplingParams
 PROMPT = "def fibonacci(n: int) -> int:\n    if n < 2:\n        return n\n"
 
 
-def build_artifact(source, out, weights="fp32"):
-    from edge.build import build
-    from edge.recipe import Precision, Recipe
-
-    recipe = Recipe(name="t", source=str(source), context_length=256, precision=Precision(weights=weights),
-                    fidelity={"enabled": False})
-    return build(recipe, out=out, progress=False).out_dir
-
-
 @pytest.fixture(scope="module", params=["qwen2", "qwen3"])
-def artifact(request, tiny_model, tmp_path_factory):
-    source = tiny_model(request.param, tied=request.param == "qwen3")
-    return Artifact.open(build_artifact(source, tmp_path_factory.mktemp("art") / request.param))
+def artifact(request, tiny_artifact):
+    return Artifact.open(tiny_artifact(request.param, tied=request.param == "qwen3"))
 
 
 @pytest.fixture(scope="module")

@@ -135,6 +135,9 @@ def run(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     config = og.Config(args.model)
     config.clear_providers()  # CPU
+    if args.threads:
+        options = {"intra_op_num_threads": args.threads}
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
     model = og.Model(config)
     tok = og.Tokenizer(model)
     load_ms = (time.perf_counter() - t0) * 1000
@@ -152,7 +155,7 @@ def run(args: argparse.Namespace) -> dict:
             "load_ms": round(load_ms, 1),
             # CPU seconds this process got during the timed generation vs its wall time: on a
             # busy machine cpu_s / wall_s falls well below the thread count.
-            "cpu_s": round(cpu_s, 2), "wall_s": round(ttft + decode, 2),
+            "threads": args.threads or "ort-default", "cpu_s": round(cpu_s, 2), "wall_s": round(ttft + decode, 2),
             "loadavg_1m": round(os.getloadavg()[0], 2)}
 
 
@@ -160,14 +163,15 @@ def repeat(args: argparse.Namespace) -> list[dict]:
     """A discarded warm-up process, then args.reps fresh `run` processes; prints each and the median."""
     cmd = [sys.executable, os.path.abspath(__file__), "run", "--model", args.model,
            "--new-tokens", str(args.new_tokens), "--warmup-tokens", str(args.warmup_tokens),
-           "--prompt", args.prompt]
+           "--prompt", args.prompt, "--threads", str(args.threads)]
     if args.prompt_tokens is not None:
         cmd += ["--prompt-tokens", str(args.prompt_tokens)]
     runs = []
     for i in range(args.reps + 1):
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
-            _fail(f"measurement process failed: {done.stderr.strip().splitlines()[-1:]}")
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            _fail(f"measurement process exited with {done.returncode}: {last}")
         result = json.loads(done.stdout.strip().splitlines()[-1])
         if i == 0:
             continue
@@ -196,6 +200,8 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--prompt", default=DEFAULT_PROMPT, help="user message (chat template applied)")
         p.add_argument("--prompt-tokens", type=int, help="instead: a code prompt of exactly N tokens")
         p.add_argument("--new-tokens", type=int, default=128)
+        p.add_argument("--threads", type=int, default=0,
+                       help="ONNX Runtime intra-op threads (0: genai's default)")
         p.add_argument("--warmup-tokens", type=int, default=8,
                        help="in-process warm-up generation before the timed one (0: none)")
         if name == "repeat":
