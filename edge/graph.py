@@ -76,12 +76,15 @@ class _Memo:
 class DecoderGraph:
     """Builds the ONNX decoder for one QwenConfig from a tensor reader (HF names → fp32 arrays)."""
 
-    def __init__(self, config: QwenConfig, read: TensorReader, plan: WeightPlan, options: GraphOptions):
+    def __init__(self, config: QwenConfig, read: TensorReader, plan: WeightPlan, options: GraphOptions,
+                 quantized: Callable[[str], BlockQuantized | None] | None = None):
+        """`quantized(key)` may supply the blobs of a packed linear (e.g. from calibrated GPTQ) by graph key."""
         self.cfg = config
         self.read = read
         self.plan = plan
         self.opts = options
         self.memo = _Memo()
+        self.supplied = quantized or (lambda key: None)
         self.initializers: list[ir.Value] = []
         self.nodes: list[ir.Node] = []
         self._count = 0
@@ -133,7 +136,7 @@ class DecoderGraph:
         parts = ("packed", "scales") + (("zp",) if asym else ())
 
         def compute() -> dict:
-            q: BlockQuantized = quantize(self._read_rows(names), spec)
+            q = self.supplied(key) or quantize(self._read_rows(names), spec)
             return {"packed": q.packed, "scales": q.scales, "zp": q.zero_points}
 
         def getter(which):
