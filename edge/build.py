@@ -37,21 +37,22 @@ LINEAR_PARTS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "sel
 def weight_plan(precision: Precision, config: QwenConfig) -> WeightPlan:
     """Translate a recipe's precision block into per-weight storage for the graph."""
 
-    def storage(bits: str, table: bool = False) -> QuantSpec | str:
+    def storage(bits: str, table: bool = False, symmetric: bool = precision.symmetric) -> QuantSpec | str:
         if bits in ("fp32", "fp16"):
             return bits
         n = 4 if bits == "int4" else 8
-        method = "rtn" if precision.method == "mixed" else precision.method
+        # gptq stores the rtn layout; edge.gptq supplies the calibrated values.
+        method = "rtn" if precision.method in ("mixed", "gptq") else precision.method
         # Float zero points (hqq) exist only for 4-bit MatMulNBits; tables and 8-bit use rtn.
         if method == "hqq" and (table or n == 8):
             method = "rtn"
-        symmetric = precision.symmetric and method == "rtn"
-        return QuantSpec(n, precision.block_size, symmetric, method)
+        return QuantSpec(n, precision.block_size, symmetric and method == "rtn", method)
 
     overrides = ()
-    if precision.method == "mixed":
+    if precision.method in ("mixed", "gptq"):
         names = [f"model.layers.{i}.{part}.weight" for i in range(config.num_layers) for part in LINEAR_PARTS]
-        overrides = tuple((n, storage("int8")) for n in names if precision.bits_for(n) == "int8")
+        # int8 is near-lossless symmetric; zero points would only add bytes.
+        overrides = tuple((n, storage("int8", symmetric=True)) for n in names if precision.bits_for(n) == "int8")
     return WeightPlan(
         linear=storage(precision.weights),
         embedding=storage(precision.embedding_bits, table=True),
@@ -60,9 +61,13 @@ def weight_plan(precision: Precision, config: QwenConfig) -> WeightPlan:
     )
 
 
-def export(source, out_dir: Path, plan: WeightPlan, options: GraphOptions, progress: bool = True) -> None:
-    """Write model.onnx + model.onnx.data and the tokenizer files of `source` into `out_dir`."""
-    graph = DecoderGraph(source.config, source.tensor, plan, options).build()
+def export(source, out_dir: Path, plan: WeightPlan, options: GraphOptions, progress: bool = True,
+           quantized=None) -> None:
+    """Write model.onnx + model.onnx.data and the tokenizer files of `source` into `out_dir`.
+
+    `quantized(key)` may supply precomputed blobs for packed linears (see DecoderGraph).
+    """
+    graph = DecoderGraph(source.config, source.tensor, plan, options, quantized=quantized).build()
     bar = tqdm(total=len(graph.graph.initializers), desc="export+quantize", unit="tensor", disable=not progress)
     try:
         ir.save(graph, out_dir / "model.onnx", external_data="model.onnx.data",
@@ -99,7 +104,17 @@ def build(recipe: Recipe, *, model: str | None = None, out: Path | None = None, 
     try:
         print(f"building {recipe.name}: {source.config.family} {source.config.num_layers} layers, "
               f"{recipe.precision.weights} ({recipe.precision.method}) from {spec}", file=log)
-        export(source, staging, plan, options, progress)
+        calibrated = None
+        if recipe.precision.method == "gptq":
+            from edge import gptq
+
+            tokens = recipe.precision.calibration_tokens or gptq.DEFAULT_TOKENS
+            calibrated = gptq.calibrate(source, plan, staging / ".gptq", tokens=tokens, progress=progress)
+        try:
+            export(source, staging, plan, options, progress, quantized=calibrated)
+        finally:
+            if calibrated is not None:
+                calibrated.close()
         write_genai_config(staging, source.config, recipe.context_length, profile)
         export_seconds = time.perf_counter() - start
         export_peak = peak_rss_mb()

@@ -19,6 +19,7 @@ import onnx_ir as ir
 
 from edge.config import QwenConfig
 from edge.quantize import BlockQuantized, QuantSpec, quantize
+from qwen_edge.errors import QwenEdgeError
 
 MS = "com.microsoft"
 OPSET = 21
@@ -128,38 +129,47 @@ class DecoderGraph:
                        lambda: np.ascontiguousarray(self._read_rows(names).T).astype(dtype))
         return w if storage == "fp32" else self._op("Cast", [w], {"to": ir.DataType.FLOAT})
 
-    def _quantized(self, key: str, names: list[str], n: int, k: int, spec: QuantSpec) -> tuple[ir.Value, ...]:
-        """Lazy MatMulNBits blobs (packed, scales, zero points or None) for the rows of `names`."""
+    def _quantized(self, key: str, names: list[str], n: int, k: int, spec: QuantSpec,
+                   gather: bool = False, matmul: bool = True) -> dict[str, ir.Value | None]:
+        """Lazy blobs for the rows of `names`: packed weights and scales, plus zero points in the
+        MatMulNBits layout (`zp`, [N, ceil(kb*bits/8)]) and/or the GatherBlockQuantized one
+        (`gather_zp`, [N, kb, 1], one value per byte), computed once whichever is written first."""
         kb = -(-k // spec.block_size)
         blob = spec.block_size * spec.bits // 8
         asym = not spec.symmetric or spec.method != "rtn"
-        parts = ("packed", "scales") + (("zp",) if asym else ())
+        zp_parts = (("zp",) if matmul else ()) + (("gather_zp",) if gather else ()) if asym else ()
+        parts = ("packed", "scales") + zp_parts
 
         def compute() -> dict:
             q = self.supplied(key) or quantize(self._read_rows(names), spec)
-            return {"packed": q.packed, "scales": q.scales, "zp": q.zero_points}
+            values = {"packed": q.packed, "scales": q.scales, "zp": q.zero_points}
+            if "gather_zp" in parts:
+                values["gather_zp"] = q.zero_point_values()[:, :, None]
+            return values
 
         def getter(which):
             return lambda: self.memo.part(key, parts, compute, which)
 
-        packed = self._lazy(f"{key}.qweight", np.dtype(np.uint8), (n, kb, blob), getter("packed"))
-        scales = self._lazy(f"{key}.scales", np.dtype(np.float32), (n, kb), getter("scales"))
-        zp = None
-        if asym:
-            if spec.method == "hqq":
-                zp = self._lazy(f"{key}.zero_points", np.dtype(np.float32), (n, kb), getter("zp"))
-            else:
-                zp = self._lazy(f"{key}.zero_points", np.dtype(np.uint8), (n, -(-kb * spec.bits // 8)), getter("zp"))
-        return packed, scales, zp
+        out = {"packed": self._lazy(f"{key}.qweight", np.dtype(np.uint8), (n, kb, blob), getter("packed")),
+               "scales": self._lazy(f"{key}.scales", np.dtype(np.float32), (n, kb), getter("scales")),
+               "zp": None, "gather_zp": None}
+        if "zp" in parts:
+            dtype, shape = ((np.float32, (n, kb)) if spec.method == "hqq"
+                            else (np.uint8, (n, -(-kb * spec.bits // 8))))
+            out["zp"] = self._lazy(f"{key}.zero_points", np.dtype(dtype), shape, getter("zp"))
+        if "gather_zp" in parts:
+            out["gather_zp"] = self._lazy(f"{key}.gather_zero_points", np.dtype(np.uint8), (n, kb, 1), getter("gather_zp"))
+        return out
 
     def _linear(self, x: ir.Value, key: str, names: list[str], n: int, k: int, storage, bias: ir.Value | None = None):
         if isinstance(storage, str):
             y = self._op("MatMul", [x, self._float_weight(key, names, n, k, storage)])
             return self._op("Add", [y, bias]) if bias is not None else y
-        packed, scales, zp = self._quantized(key, names, n, k, storage)
+        q = self._quantized(key, names, n, k, storage)
         attrs = {"K": k, "N": n, "bits": storage.bits, "block_size": storage.block_size,
                  "accuracy_level": self.opts.accuracy_level}
-        return self._op("MatMulNBits", [x, packed, scales, zp, None, bias], attrs, domain=MS, name=f"/{key}/MatMulNBits")
+        return self._op("MatMulNBits", [x, q["packed"], q["scales"], q["zp"], None, bias], attrs, domain=MS,
+                        name=f"/{key}/MatMulNBits")
 
     def _vector(self, name: str) -> ir.Value:
         size = int(np.prod(self._shape_of_vector(name)))
@@ -176,7 +186,7 @@ class DecoderGraph:
         return (c.hidden_size,)
 
     # ----- blocks --------------------------------------------------------------------------
-    def _embedding(self, input_ids: ir.Value) -> tuple[ir.Value, BlockQuantized | None]:
+    def _embedding(self, input_ids: ir.Value) -> ir.Value:
         c = self.cfg
         storage = self.plan.embedding
         name = "model.embed_tokens.weight"
@@ -185,12 +195,23 @@ class DecoderGraph:
             table = self._lazy(name, np.dtype(dtype), (c.vocab_size, c.hidden_size),
                                lambda: self.read(name).astype(dtype))
             x = self._op("Gather", [table, input_ids], {"axis": 0})
-            return (x if storage == "fp32" else self._op("Cast", [x], {"to": ir.DataType.FLOAT})), None
-        packed, scales, zp = self._quantized("model.embed_tokens", [name], c.vocab_size, c.hidden_size, storage)
-        self._embed_blobs = (packed, scales, zp)
-        flat = self._op("Reshape", [packed, self._const("embed_data_shape", np.array([c.vocab_size, -1], np.int64))])
-        attrs = {"gather_axis": 0, "quantize_axis": 1, "block_size": storage.block_size, "bits": storage.bits}
-        return self._op("GatherBlockQuantized", [flat, input_ids, scales, zp], attrs, domain=MS), None
+            return x if storage == "fp32" else self._op("Cast", [x], {"to": ir.DataType.FLOAT})
+        if c.hidden_size % storage.block_size:
+            raise QwenEdgeError(f"hidden size {c.hidden_size} is not a multiple of block_size {storage.block_size}; "
+                                "choose a smaller block_size in the recipe")
+        shared = self._lm_head_shares_embedding()
+        q = self._quantized("model.embed_tokens", [name], c.vocab_size, c.hidden_size, storage,
+                            gather=True, matmul=shared)
+        self._embed_blobs = q
+        # The packed rows [vocab, blocks, bytes] serve as they are: each block is quantized along the last axis.
+        scales = self._op("Unsqueeze", [q["scales"], self._const("last_axis", np.array([-1], np.int64))])
+        attrs = {"gather_axis": 0, "quantize_axis": 2, "block_size": storage.block_size, "bits": storage.bits}
+        blocks = self._op("GatherBlockQuantized", [q["packed"], input_ids, scales, q["gather_zp"]], attrs, domain=MS)
+        return self._op("Reshape", [blocks, self._const("hidden_shape", np.array([0, 0, c.hidden_size], np.int64))])
+
+    def _lm_head_shares_embedding(self) -> bool:
+        storage = self.plan.lm_head
+        return self.cfg.tie_word_embeddings and not isinstance(storage, str) and storage == self.plan.embedding
 
     def _norm(self, x, weight_name: str):
         return self._op("SimplifiedLayerNormalization", [x, self._vector(weight_name)],
@@ -257,11 +278,12 @@ class DecoderGraph:
     def _lm_head(self, x):
         c = self.cfg
         storage = self.plan.lm_head
-        if c.tie_word_embeddings and not isinstance(storage, str) and storage == self.plan.embedding:
-            packed, scales, zp = self._embed_blobs  # one copy shared with the embedding
+        if self._lm_head_shares_embedding():
+            q = self._embed_blobs  # one copy of the packed weights, shared with the embedding
             attrs = {"K": c.hidden_size, "N": c.vocab_size, "bits": storage.bits, "block_size": storage.block_size,
                      "accuracy_level": self.opts.accuracy_level}
-            return self._op("MatMulNBits", [x, packed, scales, zp], attrs, domain=MS, name="/lm_head/MatMulNBits")
+            return self._op("MatMulNBits", [x, q["packed"], q["scales"], q["zp"]], attrs, domain=MS,
+                            name="/lm_head/MatMulNBits")
         name = "model.embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight"
         return self._linear(x, "lm_head", [name], c.vocab_size, c.hidden_size, storage)
 
@@ -284,7 +306,7 @@ class DecoderGraph:
         total_len = self._op("Cast", [total], {"to": ir.DataType.INT32})
         cos, sin = self._rotary_caches()
 
-        hidden, _ = self._embedding(input_ids)
+        hidden = self._embedding(input_ids)
         presents = []
         residual = hidden
         x = self._norm(hidden, "model.layers.0.input_layernorm.weight")

@@ -62,14 +62,19 @@ class BlockQuantized:
     def k_blocks(self) -> int:
         return self.packed.shape[1]
 
+    def zero_point_values(self) -> np.ndarray:
+        """Integer zero points [N, k_blocks], one per block (uint8 layouts only)."""
+        if self.bits == 8:
+            return self.zero_points
+        return unpack(self.zero_points, 4)[:, : self.k_blocks]
+
     def dequantize(self) -> np.ndarray:
         """Float32 [N, K] matrix these blobs represent (for checks and tests)."""
         q = unpack(self.packed, self.bits).astype(np.float32)  # [N, kb, block]
         if self.zero_points is None:
             zp = np.float32(2 ** (self.bits - 1))
         elif self.zero_points.dtype == np.uint8:
-            zp = unpack(self.zero_points[:, :, None] if self.bits == 8 else self.zero_points, self.bits)
-            zp = zp.reshape(self.n, -1)[:, : self.k_blocks, None].astype(np.float32)
+            zp = self.zero_point_values()[:, :, None].astype(np.float32)
         else:
             zp = self.zero_points[:, :, None]
         w = (q - zp) * self.scales[:, :, None]

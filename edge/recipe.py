@@ -10,7 +10,13 @@ Precision methods:
 - ``hqq``: half-quadratic optimisation of each block's scale and zero point (no calibration data).
 - ``kquant``: onnxruntime's k-quant search over candidate scales per block.
 - ``mixed``: int4 for most weights, int8 for the tensors matched by ``int8_layers`` (the most
-  sensitive ones; by default every layer's ``v_proj`` and ``down_proj``).
+  sensitive ones; by default every layer's ``v_proj`` and ``down_proj``). With int8 or float
+  weights it changes nothing.
+- ``gptq``: calibrated rounding (``edge.gptq``): each decoder linear is quantized on the same block
+  grid as ``rtn`` (same size, same kernels) but its rounding errors are compensated from the
+  statistics of its inputs on the shipped calibration text (``calibration_tokens`` tokens, default
+  4096, capped by the text's length). ``int8_layers`` may keep chosen tensors in int8 as with
+  ``mixed``; without it every linear has ``weights`` bits. Embedding and lm_head use ``rtn``.
 """
 
 from __future__ import annotations
@@ -63,23 +69,29 @@ class Precision(_Strict):
     weights: Bits = "int4"
     block_size: Literal[16, 32, 64, 128] = 32
     symmetric: bool = False
-    method: Literal["rtn", "hqq", "kquant", "mixed"] = "rtn"
+    method: Literal["rtn", "hqq", "kquant", "mixed", "gptq"] = "rtn"
     embedding: TableBits = "same"
     lm_head: TableBits = "same"
     int8_layers: tuple[str, ...] | None = None
+    calibration_tokens: Annotated[int, Field(ge=64, le=65536)] | None = None
 
     @model_validator(mode="after")
     def _mixed_policy(self) -> "Precision":
-        if self.method == "mixed" and self.weights != "int4":
-            raise ValueError("method 'mixed' needs weights 'int4' (it keeps the sensitive tensors in int8)")
-        if self.int8_layers is not None and self.method != "mixed":
-            raise ValueError("int8_layers is only used with method 'mixed'")
+        if self.int8_layers is not None and self.method not in ("mixed", "gptq"):
+            raise ValueError("int8_layers is only used with method 'mixed' or 'gptq'")
+        if self.method == "gptq" and self.weights not in ("int4", "int8"):
+            raise ValueError("method 'gptq' needs weights 'int4' or 'int8'")
+        if self.method == "gptq" and self.int8_layers is not None and self.weights != "int4":
+            raise ValueError("int8_layers with method 'gptq' needs weights 'int4'")
+        if self.calibration_tokens is not None and self.method != "gptq":
+            raise ValueError("calibration_tokens is only used with method 'gptq'")
         return self
 
     def bits_for(self, tensor_name: str) -> str:
-        """Precision of one linear weight by its HF name (``int8_layers`` applies to method 'mixed')."""
-        if self.method == "mixed":
-            patterns = self.int8_layers if self.int8_layers is not None else DEFAULT_INT8_LAYERS
+        """Precision of one linear weight by its HF name (``int8_layers`` applies to 'mixed' and 'gptq')."""
+        if self.method in ("mixed", "gptq"):
+            default = DEFAULT_INT8_LAYERS if self.method == "mixed" else ()
+            patterns = self.int8_layers if self.int8_layers is not None else default
             if any(fnmatch.fnmatchcase(tensor_name, p) for p in patterns):
                 return "int8"
         return self.weights

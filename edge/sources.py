@@ -11,12 +11,12 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import tempfile
 from abc import ABC, abstractmethod
 from pathlib import Path
 
 import numpy as np
+from tokenizers import Tokenizer
 
 from edge.config import QwenConfig
 from edge.pypi_gguf import cache_root
@@ -201,7 +201,8 @@ def save_tokenizer(tokenizer, out_dir: Path, config: QwenConfig, generation_conf
                               ("eos_token", config.eos_token_ids[0] if config.eos_token_ids else None)):
             if tok_cfg.get(key) is None and token_id is not None:
                 tok_cfg[key] = tokenizer.convert_ids_to_tokens(int(token_id))
-        shutil.copyfile(tmp / "tokenizer.json", out_dir / "tokenizer.json")
+        # Written compact: half the bytes of the pretty-printed file, read the same by every client.
+        Tokenizer.from_file(str(tmp / "tokenizer.json")).save(str(out_dir / "tokenizer.json"), pretty=False)
     _write_json(out_dir / "tokenizer_config.json", tok_cfg)
     if generation_config:
         _write_json(out_dir / "generation_config.json", generation_config)

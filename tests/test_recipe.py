@@ -143,8 +143,9 @@ def test_bad_pypi_source_and_yaml(tmp_path):
 
 
 def test_mixed_precision_policy(tmp_path):
-    msg = error_of(write(tmp_path, "name: x\nsource: Qwen/Qwen3-0.6B\nprecision: {weights: int8, method: mixed}\n"))
-    assert "mixed" in msg and "int4" in msg
+    int8 = Precision(weights="int8", method="mixed")
+    assert int8.bits_for("model.layers.3.mlp.down_proj.weight") == "int8"
+    assert Precision(weights="fp16", method="mixed").bits_for("model.layers.3.mlp.down_proj.weight") == "fp16"
     msg = error_of(write(tmp_path, "name: x\nsource: Qwen/Qwen3-0.6B\nprecision: {int8_layers: ['*']}\n"))
     assert "int8_layers" in msg
     mixed = Precision(method="mixed")

@@ -9,6 +9,8 @@ nothing from qwen_edge. Subcommands:
           generation; prints one JSON object (ttft_ms, prefill_tps, decode_tps, peak_rss_mb, ...).
   repeat  one discarded warm-up process, then N `run` processes; prints each run's JSON line and
           a last line with the median of each number ("run": "median").
+  logits  logits at every position of each sequence in --ids, from the artifact's model.onnx on plain
+          onnxruntime (the graph returns every position's logits) -> float32 npz.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ import subprocess
 import sys
 import tempfile
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
 
 DEFAULT_PROMPT = "Write a Python function that checks whether a string is a palindrome."
 METRICS = ("ttft_ms", "prefill_tps", "decode_tps", "peak_rss_mb", "load_ms")
@@ -141,9 +146,13 @@ def run(args: argparse.Namespace) -> dict:
     model = og.Model(config)
     tok = og.Tokenizer(model)
     load_ms = (time.perf_counter() - t0) * 1000
-    ids = _prompt_ids(tok, args.prompt, args.prompt_tokens)
+    if args.ids_file:
+        ids = common.load_ids(args.ids_file, args.prompt_tokens)
+        warm = ids[:32]  # short warm-up: a full long prompt would double the run
+    else:
+        ids = warm = _prompt_ids(tok, args.prompt, args.prompt_tokens)
     if args.warmup_tokens:
-        _generate(og, model, ids, args.warmup_tokens)
+        _generate(og, model, warm, args.warmup_tokens)
     before = resource.getrusage(resource.RUSAGE_SELF)
     ttft, decode, count = _generate(og, model, ids, args.new_tokens)
     after = resource.getrusage(resource.RUSAGE_SELF)
@@ -166,6 +175,8 @@ def repeat(args: argparse.Namespace) -> list[dict]:
            "--prompt", args.prompt, "--threads", str(args.threads)]
     if args.prompt_tokens is not None:
         cmd += ["--prompt-tokens", str(args.prompt_tokens)]
+    if args.ids_file:
+        cmd += ["--ids-file", args.ids_file]
     runs = []
     for i in range(args.reps + 1):
         done = subprocess.run(cmd, capture_output=True, text=True)
@@ -185,6 +196,30 @@ def repeat(args: argparse.Namespace) -> list[dict]:
     return runs
 
 
+def logits(args: argparse.Namespace) -> dict:
+    """Every position's logits of each sequence: one prefill with an empty past on plain onnxruntime."""
+    import numpy as np
+    import onnxruntime as ort
+
+    try:
+        with open(os.path.join(args.model, "genai_config.json"), encoding="utf-8") as f:
+            decoder = json.load(f)["model"]["decoder"]
+    except (OSError, ValueError, KeyError) as e:
+        _fail(f"{args.model} has no readable genai_config.json ({e}); build it first with `genai.py build`")
+    session = ort.InferenceSession(os.path.join(args.model, decoder["filename"]), providers=["CPUExecutionProvider"])
+    past = np.zeros((1, decoder["num_key_value_heads"], 0, decoder["head_size"]), dtype=np.float32)
+
+    def logits_of(ids):
+        feeds = {"input_ids": np.asarray([ids], dtype=np.int64),
+                 "attention_mask": np.ones((1, len(ids)), dtype=np.int64)}
+        for inp in session.get_inputs():
+            if inp.name.startswith("past_key_values."):
+                feeds[inp.name] = past
+        return session.run(["logits"], feeds)[0][0]
+
+    return common.write_logits(args.ids, args.out, logits_of)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -199,6 +234,8 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--model", required=True, help="directory with genai_config.json")
         p.add_argument("--prompt", default=DEFAULT_PROMPT, help="user message (chat template applied)")
         p.add_argument("--prompt-tokens", type=int, help="instead: a code prompt of exactly N tokens")
+        p.add_argument("--ids-file", help="with --prompt-tokens N: take the N-token prompt from this "
+                                          "prompts JSON (written by benchmarks/run.py)")
         p.add_argument("--new-tokens", type=int, default=128)
         p.add_argument("--threads", type=int, default=0,
                        help="ONNX Runtime intra-op threads (0: genai's default)")
@@ -206,13 +243,21 @@ def main(argv: list[str] | None = None) -> None:
                        help="in-process warm-up generation before the timed one (0: none)")
         if name == "repeat":
             p.add_argument("--reps", type=int, default=3)
+    lg = sub.add_parser("logits", help="every position's logits of token sequences (plain onnxruntime)")
+    lg.add_argument("--model", required=True, help="artifact directory with genai_config.json")
+    lg.add_argument("--ids", required=True, help="JSON {name: [token ids]}")
+    lg.add_argument("--out", required=True, help="npz to write")
     args = parser.parse_args(argv)
+    if getattr(args, "ids_file", None) and args.prompt_tokens is None:
+        _fail("--ids-file needs --prompt-tokens N (which prompt of the file)")
     if getattr(args, "new_tokens", 1) < 1:
         _fail("--new-tokens must be at least 1")
     if args.cmd == "build":
         print(json.dumps(build(args)), flush=True)
     elif args.cmd == "run":
         print(json.dumps(run(args)), flush=True)
+    elif args.cmd == "logits":
+        print(json.dumps(logits(args)), flush=True)
     else:
         repeat(args)
 

@@ -1,0 +1,156 @@
+"""What every anchor script shares (standard library + numpy; torch only inside hf_generate).
+
+- the prompt ids file written by `benchmarks/run.py` (`{"40": [...], "512": [...], ...}`),
+- the timing record one `run` prints (ttft_ms, prefill_tps, decode_tps, peak_rss_mb, ...),
+- the `repeat` driver (one discarded process, then N fresh `run` processes, median),
+- the `logits` contract: a JSON file of named token-id sequences in, an npz of float32
+  `[n, vocab]` logits per name out (written to a temp file, renamed at the end).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable
+
+METRICS = ("ttft_ms", "prefill_tps", "decode_tps", "peak_rss_mb", "load_ms")
+
+
+def fail(message: str) -> None:
+    """Exit with a one-line error."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def load_ids(path: str, prompt_tokens: int) -> list[int]:
+    """The prompt of exactly `prompt_tokens` ids from a prompts file written by benchmarks/run.py."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            prompts = json.load(f)
+    except (OSError, ValueError) as e:
+        fail(f"cannot read the prompts file {path}: {e}; let benchmarks/run.py write it")
+    ids = prompts.get(str(prompt_tokens))
+    if ids is None:
+        fail(f"{path} has no {prompt_tokens}-token prompt (it has {', '.join(prompts)}); pass one of those")
+    return [int(i) for i in ids]
+
+
+class CpuClock:
+    """CPU seconds this process gets between start() and stop()."""
+
+    def start(self) -> None:
+        self._before = resource.getrusage(resource.RUSAGE_SELF)
+
+    def stop(self) -> float:
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        return after.ru_utime + after.ru_stime - self._before.ru_utime - self._before.ru_stime
+
+
+def record(anchor: str, prompt_tokens: int, ttft_s: float, decode_s: float, count: int,
+           load_ms: float, cpu_s: float, threads) -> dict:
+    """The JSON record of one timed generation (peak RSS = this process's ru_maxrss so far)."""
+    return {"anchor": anchor, "ttft_ms": round(ttft_s * 1000, 1),
+            "prefill_tps": round(prompt_tokens / ttft_s, 1),
+            "decode_tps": round((count - 1) / decode_s, 2) if count > 1 and decode_s > 0 else None,
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "prompt_tokens": prompt_tokens, "new_tokens": count, "load_ms": round(load_ms, 1),
+            # on a busy machine cpu_s / wall_s falls well below the thread count
+            "threads": threads, "cpu_s": round(cpu_s, 2), "wall_s": round(ttft_s + decode_s, 2),
+            "loadavg_1m": round(os.getloadavg()[0], 2)}
+
+
+def repeat(script: str, run_argv: list[str], reps: int, anchor: str) -> list[dict]:
+    """A discarded warm-up process, then `reps` fresh `run` processes; prints each and the median."""
+    cmd = [sys.executable, script, "run", *run_argv]
+    runs = []
+    for i in range(reps + 1):
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            fail(f"measurement process exited with {done.returncode}: {last}")
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        if i == 0:
+            continue
+        result["run"] = i
+        print(json.dumps(result), flush=True)
+        runs.append(result)
+    median = {k: statistics.median(r[k] for r in runs) for k in METRICS if runs[0].get(k) is not None}
+    median.update(run="median", anchor=anchor, prompt_tokens=runs[0]["prompt_tokens"],
+                  new_tokens=runs[0]["new_tokens"], reps=len(runs))
+    print(json.dumps(median), flush=True)
+    return runs
+
+
+def write_logits(ids_path: str, out_path: str, logits_of: Callable[[list[int]], "object"]) -> dict:
+    """Run `logits_of(ids) -> [n, vocab]` on every sequence of the ids file; save float32 npz atomically."""
+    import numpy as np
+
+    try:
+        with open(ids_path, encoding="utf-8") as f:
+            sequences = json.load(f)
+    except (OSError, ValueError) as e:
+        fail(f"cannot read the sequences file {ids_path}: {e}")
+    out = {}
+    for name, ids in sequences.items():
+        logits = np.asarray(logits_of([int(i) for i in ids]), dtype=np.float32)
+        if logits.shape[0] != len(ids):
+            fail(f"sequence {name}: got logits for {logits.shape[0]} of {len(ids)} positions")
+        out[name] = logits
+    tmp = out_path + ".partial.npz"
+    np.savez(tmp, **out)
+    os.replace(tmp, out_path)
+    return {"sequences": len(out), "positions": sum(v.shape[0] for v in out.values()), "out": out_path}
+
+
+def hf_generate(model, ids: list[int], new_tokens: int) -> tuple[float, float, int]:
+    """Greedy transformers-style generate() of exactly new_tokens; a streamer stamps the first token.
+
+    Returns (ttft_s, decode_s, count). Needs torch and transformers (Optimum and transformers anchors).
+    """
+    import torch
+    from transformers.generation.streamers import BaseStreamer
+
+    class Stamps(BaseStreamer):
+        def __init__(self):
+            self.times = []
+
+        def put(self, value):
+            self.times.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    stamps = Stamps()
+    inp = torch.tensor([ids], dtype=torch.long)
+    t0 = time.perf_counter()
+    out = model.generate(input_ids=inp, attention_mask=torch.ones_like(inp), do_sample=False,
+                         max_new_tokens=new_tokens, min_new_tokens=new_tokens, streamer=stamps)
+    t2 = time.perf_counter()
+    count = out.shape[1] - len(ids)
+    t1 = stamps.times[1]  # put() #0 is the prompt, #1 the first new token
+    return t1 - t0, t2 - t1, count
+
+
+def add_run_args(p, model_help: str, threads: int, threads_help: str) -> None:
+    """The run/repeat options every anchor shares."""
+    p.add_argument("--model", required=True, help=model_help)
+    p.add_argument("--threads", type=int, default=threads, help=threads_help)
+    p.add_argument("--ids-file", required=True, help="prompts JSON written by benchmarks/run.py")
+    p.add_argument("--prompt-tokens", type=int, default=40, help="which prompt of the file (its length)")
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--warmup-tokens", type=int, default=2,
+                   help="in-process warm-up generation on the first 32 prompt ids (0: none)")
+    p.add_argument("--reps", type=int, default=3, help="repeat only: measured processes")
+
+
+def run_argv(args) -> list[str]:
+    """The `run` arguments that reproduce `args` (for `repeat`); checks them."""
+    if args.new_tokens < 1:
+        fail("--new-tokens must be at least 1")
+    return ["--model", args.model, "--threads", str(args.threads), "--ids-file", args.ids_file, "--prompt-tokens", str(args.prompt_tokens),
+            "--new-tokens", str(args.new_tokens), "--warmup-tokens", str(args.warmup_tokens)]

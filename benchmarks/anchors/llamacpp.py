@@ -1,0 +1,99 @@
+"""llama.cpp anchor: llama-cpp-python on the original GGUF (its own Q4_K_M mix), 2 threads, greedy.
+
+Runs inside the anchor venv (`benchmarks/envs/setup.sh llamacpp`). Subcommands:
+
+  run     one measurement in this process: load, short warm-up, one timed greedy generation of
+          exactly --new-tokens (EOS does not stop it); prints one JSON object.
+  repeat  one discarded process, then --reps `run` processes; each JSON line and the median.
+  logits  logits at every position of each sequence in --ids (logits_all=True) -> float32 npz.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+ANCHOR = "llama.cpp"
+
+
+def _load(path: str, n_ctx: int, threads: int, logits_all: bool = False):
+    if not os.path.isfile(path):
+        common.fail(f"{path} is not a GGUF file; pass the model's .gguf with --model")
+    from llama_cpp import Llama
+
+    return Llama(model_path=path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+                 logits_all=logits_all, verbose=False)
+
+
+def _generate(llm, ids: list[int], new_tokens: int) -> tuple[float, float, int]:
+    """Greedy generation of exactly new_tokens; returns (ttft_s, decode_s, count)."""
+    llm.reset()  # no prefix reuse from an earlier generation: every prompt is evaluated in full
+    t0 = time.perf_counter()
+    count, t1 = 0, None
+    for _ in llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
+        count += 1
+        if t1 is None:
+            t1 = time.perf_counter()
+        if count == new_tokens:
+            break
+    t2 = time.perf_counter()
+    return t1 - t0, t2 - t1, count
+
+
+def run(args) -> dict:
+    common.run_argv(args)  # checks the arguments
+    ids = common.load_ids(args.ids_file, args.prompt_tokens)
+    t0 = time.perf_counter()
+    llm = _load(args.model, len(ids) + args.new_tokens + 8, args.threads)
+    load_ms = (time.perf_counter() - t0) * 1000
+    if args.warmup_tokens:
+        _generate(llm, ids[:32], args.warmup_tokens)
+    clock = common.CpuClock()
+    clock.start()
+    ttft, decode, count = _generate(llm, ids, args.new_tokens)
+    return common.record(ANCHOR, len(ids), ttft, decode, count, load_ms, clock.stop(), args.threads)
+
+
+def logits(args) -> dict:
+    import numpy as np
+
+    with open(args.ids, encoding="utf-8") as f:
+        longest = max(len(v) for v in json.load(f).values())
+    llm = _load(args.model, longest + 8, args.threads, logits_all=True)
+
+    def logits_of(ids):
+        llm.reset()
+        llm.eval(ids)
+        return np.array(llm.scores[: len(ids)], dtype=np.float32)
+
+    return common.write_logits(args.ids, args.out, logits_of)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    for name in ("run", "repeat"):
+        common.add_run_args(sub.add_parser(name), "GGUF file", 2,
+                            "n_threads and n_threads_batch (default 2: the machine's cores)")
+    lg = sub.add_parser("logits")
+    lg.add_argument("--model", required=True, help="GGUF file")
+    lg.add_argument("--ids", required=True, help="JSON {name: [token ids]}")
+    lg.add_argument("--out", required=True, help="npz to write")
+    lg.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    if args.cmd == "run":
+        print(json.dumps(run(args)), flush=True)
+    elif args.cmd == "repeat":
+        common.repeat(os.path.abspath(__file__), common.run_argv(args), args.reps, ANCHOR)
+    else:
+        print(json.dumps(logits(args)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""transformers fp32 anchor (the plain baseline and the fidelity reference), PyTorch on CPU.
+
+Runs in the project venv (/work/venv: torch 2.13 CPU, transformers 5). Subcommands:
+
+  run        one measurement in this process: load, short warm-up, one timed greedy generate() of
+             exactly --new-tokens; prints one JSON object.
+  repeat     one discarded process, then --reps `run` processes; each JSON line and the median.
+  reference  the fidelity reference: float32 logits at every position of each sequence in --ids, and
+             the greedy continuation (--greedy-tokens) of each prompt in --prompts -> one npz.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+ANCHOR = "transformers-fp32"
+
+
+def _load(path: str, threads: int):
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        common.fail(f"{path} is not a Hugging Face model directory (no config.json); pass --model DIR")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if threads:
+        torch.set_num_threads(threads)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def run(args) -> dict:
+    common.run_argv(args)  # checks the arguments
+    ids = common.load_ids(args.ids_file, args.prompt_tokens)
+    t0 = time.perf_counter()
+    model = _load(args.model, args.threads)
+    load_ms = (time.perf_counter() - t0) * 1000
+    if args.warmup_tokens:
+        common.hf_generate(model, ids[:32], args.warmup_tokens)
+    clock = common.CpuClock()
+    clock.start()
+    ttft, decode, count = common.hf_generate(model, ids, args.new_tokens)
+    return common.record(ANCHOR, len(ids), ttft, decode, count, load_ms, clock.stop(), args.threads or "torch-default")
+
+
+def reference(args) -> dict:
+    """Reference logits (float32, every position) of --ids and greedy continuations of --prompts."""
+    import numpy as np
+    import torch
+
+    model = _load(args.model, args.threads)
+    eos = model.generation_config.eos_token_id
+    pad = (eos[0] if isinstance(eos, (list, tuple)) else eos) if eos is not None else None
+    with open(args.prompts, encoding="utf-8") as f:
+        prompts = json.load(f)
+    continuations = {}
+    with torch.inference_mode():
+        for name, ids in prompts.items():
+            inp = torch.tensor([ids], dtype=torch.long)
+            out = model.generate(input_ids=inp, attention_mask=torch.ones_like(inp), do_sample=False,
+                                 max_new_tokens=args.greedy_tokens, pad_token_id=pad)
+            continuations[name] = out[0, len(ids):].tolist()
+
+    def logits_of(ids):
+        inp = torch.tensor([ids], dtype=torch.long)
+        with torch.inference_mode():
+            return model(input_ids=inp, attention_mask=torch.ones_like(inp), use_cache=False).logits[0].float().numpy()
+
+    result = common.write_logits(args.ids, args.out, logits_of)
+    with np.load(args.out) as z:
+        arrays = dict(z)
+    arrays.update({f"greedy:{k}": np.asarray(v, dtype=np.int64) for k, v in continuations.items()})
+    tmp = args.out + ".partial.npz"
+    np.savez(tmp, **arrays)
+    os.replace(tmp, args.out)
+    return {**result, "greedy_prompts": len(continuations)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    for name in ("run", "repeat"):
+        common.add_run_args(sub.add_parser(name), "Hugging Face model directory (fp32)", 0,
+                            "torch intra-op threads (0: torch's default)")
+    r = sub.add_parser("reference")
+    r.add_argument("--model", required=True, help="Hugging Face model directory (fp32)")
+    r.add_argument("--ids", required=True, help="JSON {name: [token ids]}: sequences to score")
+    r.add_argument("--prompts", required=True, help="JSON {name: [token ids]}: chat prompts to continue")
+    r.add_argument("--greedy-tokens", type=int, default=32)
+    r.add_argument("--out", required=True, help="npz to write")
+    r.add_argument("--threads", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.cmd == "repeat":
+        common.repeat(os.path.abspath(__file__), common.run_argv(args), args.reps, ANCHOR)
+        return
+    print(json.dumps(run(args) if args.cmd == "run" else reference(args)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""Pure parts of the benchmark harness: statistics, run order, fidelity aggregation, targets, table.
+
+Nothing here runs a model; `benchmarks/run.py` feeds it measurements.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Iterable, Mapping, Sequence
+
+
+def spread(values: Iterable[float | None]) -> dict | None:
+    """Median, min, max and count of the non-missing values (None when there are none)."""
+    vals = [float(v) for v in values if v is not None]
+    if not vals:
+        return None
+    return {"median": statistics.median(vals), "min": min(vals), "max": max(vals), "n": len(vals)}
+
+
+def interleave(systems: Sequence[str], scenarios: Sequence[str], reps: int) -> list[tuple[int, str, str]]:
+    """Round-robin order (rep, scenario, system): every system once per scenario before any repeats."""
+    return [(rep, scenario, system) for rep in range(reps) for scenario in scenarios for system in systems]
+
+
+def combine_fidelity(per_text: Mapping[str, tuple[Mapping[str, float], int]]) -> dict:
+    """Token-weighted overall metrics from {name: (edge.fidelity.compare result, positions)}.
+
+    Top-1 and KL are per-position means (weight: positions); perplexity is exp of the mean next-token
+    NLL (weight: positions - 1 targets).
+    """
+    positions = sum(n for _, n in per_text.values())
+    targets = sum(n - 1 for _, n in per_text.values())
+    if positions == 0 or targets <= 0:
+        raise ValueError("no positions to combine")
+    out = {k: sum(m[k] * n for m, n in per_text.values()) / positions for k in ("top1_agreement", "mean_kl")}
+    for k in ("ppl_reference", "ppl_artifact"):
+        out[k] = math.exp(sum(math.log(m[k]) * (n - 1) for m, n in per_text.values()) / targets)
+    out["tokens"] = positions
+    return out
+
+
+def greedy_prefix(artifact_argmax: Sequence[int], reference_tokens: Sequence[int]) -> int:
+    """How many of the reference's greedy tokens the artifact reproduces before the first difference."""
+    for k, (a, r) in enumerate(zip(artifact_argmax, reference_tokens)):
+        if a != r:
+            return k
+    return min(len(artifact_argmax), len(reference_tokens))
+
+
+# (key, description, our metric, their system group, comparison, limit)
+# "le": ours <= limit x theirs; "ge": ours >= limit x theirs; "abs_ge": ours >= limit (no anchor).
+TARGETS = (
+    ("decode", "decode tok/s >= 1.0x llama.cpp", "decode_tps", "llamacpp", "ge", 1.0),
+    ("ttft512", "TTFT 512-token prompt <= 0.5x genai", "ttft_512_ms", "genai", "le", 0.5),
+    ("size", "artifact size <= 0.55x genai", "artifact_mb", "genai", "le", 0.55),
+    ("rss", "peak RSS generating (chat prompt) <= 1.0x genai", "peak_rss_mb", "genai", "le", 1.0),
+    ("rss512", "peak RSS generating (512-token prompt) <= 1.0x genai", "peak_rss_512_mb", "genai", "le", 1.0),
+    ("kl", "mean KL vs fp32 <= 0.5x genai", "mean_kl", "genai", "le", 0.5),
+    ("top1", "top-1 agreement >= 0.90", "top1_agreement", None, "abs_ge", 0.90),
+    ("build_rss", "build peak RSS <= 0.25x genai builder", "build_peak_rss_mb", "genai", "le", 0.25),
+)
+
+
+def evaluate_targets(rows: Mapping[str, Mapping[str, float | None]], ours: str,
+                     anchors: Mapping[str, str | None]) -> list[dict]:
+    """Each target as {key, target, ours, theirs, ratio, met}; `anchors` maps a group to the system
+    measured for it in this run (None: not in the run, so the target is reported as not measured)."""
+    out = []
+    mine = rows.get(ours, {})
+    for key, text, metric, group, op, limit in TARGETS:
+        entry = {"key": key, "target": text, "system": ours, "anchor": None, "ours": mine.get(metric),
+                 "theirs": None, "ratio": None, "met": None}
+        if op == "abs_ge":
+            if entry["ours"] is not None:
+                entry["met"] = entry["ours"] >= limit
+            out.append(entry)
+            continue
+        anchor = anchors.get(group)
+        theirs = rows.get(anchor, {}).get(metric) if anchor else None
+        entry.update(anchor=anchor, theirs=theirs)
+        if entry["ours"] is not None and theirs:
+            entry["ratio"] = entry["ours"] / theirs
+            entry["met"] = entry["ratio"] >= limit if op == "ge" else entry["ratio"] <= limit
+        out.append(entry)
+    return out
+
+
+def _cell(value, digits: int = 1) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, dict):  # a spread
+        mid = _cell(value["median"], digits)
+        return mid if value["n"] < 2 else f"{mid} ({_cell(value['min'], digits)}–{_cell(value['max'], digits)})"
+    return f"{value:,.{digits}f}"
+
+
+COLUMNS = (  # (header, row key, digits)
+    ("artifact MB", "artifact_mb", 0), ("build s", "build_s", 0), ("build peak RSS MB", "build_peak_rss_mb", 0),
+    ("TTFT chat ms", "ttft_chat", 0), ("TTFT 512 ms", "ttft_512", 0), ("TTFT 1500 ms", "ttft_1500", 0),
+    ("prefill tok/s (512)", "prefill_512", 1), ("decode tok/s", "decode", 2), ("peak RSS MB", "rss_chat", 0),
+    ("top-1", "top1_agreement", 3), ("mean KL", "mean_kl", 4), ("ppl (ref)", "ppl", 2), ("greedy 32 match", "greedy_match", 2),
+)
+
+
+def render_table(rows: Mapping[str, Mapping]) -> str:
+    """Markdown table, one row per system; speed cells show median (min–max) over repetitions."""
+    lines = ["| system | " + " | ".join(h for h, _, _ in COLUMNS) + " |",
+             "|---|" + "---:|" * len(COLUMNS)]
+    for name, row in rows.items():
+        cells = []
+        for _, key, digits in COLUMNS:
+            if key == "ppl":
+                art, ref = row.get("ppl_artifact"), row.get("ppl_reference")
+                cells.append("—" if art is None else f"{art:.2f} ({ref:.2f})")
+            else:
+                cells.append(_cell(row.get(key), digits))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def render_targets(targets: Sequence[Mapping]) -> str:
+    """Markdown list: each target met / missed / not measured, with both numbers and the ratio."""
+    lines = []
+    for t in targets:
+        state = {True: "**met**", False: "**missed**", None: "not measured"}[t["met"]]
+        if t["anchor"] is None and t["ours"] is not None:
+            detail = f"{t['system']} {t['ours']:.3f}"
+        elif t["ratio"] is not None:
+            detail = f"{t['system']} {t['ours']:,.4g} vs {t['anchor']} {t['theirs']:,.4g} = {t['ratio']:.2f}x"
+        else:
+            detail = "needs " + (t["anchor"] or "the anchor") + " and " + t["system"] + " in the run"
+        lines.append(f"- {t['target']}: {state} ({detail})")
+    return "\n".join(lines)

@@ -1,0 +1,532 @@
+"""Run the whole comparison: systems x models, interleaved, one JSON + Markdown table + plots.
+
+    python benchmarks/run.py                 # every system, 0.5B and 1.5B
+    python benchmarks/run.py --quick         # 0.5B, qwen-edge demo recipe vs genai int4, 2 repetitions
+    python benchmarks/run.py --systems qwen-edge-int4,genai-int4 --models 1.5b --reps 5
+
+Each artifact is built once and cached under benchmarks/.cache/artifacts (keyed by the system, the
+source weights and the code that builds it), with its build wall time and peak RSS (psutil, summed
+over the build's process tree, polled every 0.1 s: the same way for every system). Every
+measurement runs in a fresh process; repetitions go round-robin over the systems so that load from
+other jobs on this shared machine falls on all of them alike. Fidelity: every system's logits on
+the same token ids against the transformers fp32 reference (cached per model, float32).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(ROOT))
+import harness  # noqa: E402
+from fixtures import MODELS, ensure_model  # noqa: E402
+
+CACHE = HERE / ".cache"
+RESULTS = HERE / "results"
+ENVS = HERE / "envs"
+ANCHORS = HERE / "anchors"
+MAIN_PY = Path(sys.executable)
+QWEN_EDGE = MAIN_PY.parent / "qwen-edge"
+CHAT_PROMPT = "Write a Python function that checks whether a string is a palindrome."
+LONG_PROMPTS = (512, 1500)
+NEW_TOKENS = 128
+LONG_NEW_TOKENS = 8
+
+# system -> how to build, run and score it. "recipe" maps a model to a qwen-edge recipe; "method"
+# derives a variant recipe with another quantization method.
+SYSTEMS = {
+    "qwen-edge-int4": {"kind": "qwen-edge", "recipe": {"0.5b": "demo", "1.5b": "qwen2.5-coder-1.5b-instruct-int4"}},
+    "qwen-edge-int4-hqq": {"kind": "qwen-edge", "recipe": {"0.5b": "demo", "1.5b": "qwen2.5-coder-1.5b-instruct-int4"}, "method": "hqq"},
+    "qwen-edge-int4-kquant": {"kind": "qwen-edge", "recipe": {"0.5b": "demo", "1.5b": "qwen2.5-coder-1.5b-instruct-int4"}, "method": "kquant"},
+    "qwen-edge-int4-mixed": {"kind": "qwen-edge", "recipe": {"0.5b": "demo", "1.5b": "qwen2.5-coder-1.5b-instruct-int4"}, "method": "mixed"},
+    "qwen-edge-int8": {"kind": "qwen-edge", "recipe": {"0.5b": "qwen2.5-coder-0.5b-instruct-int8", "1.5b": "qwen2.5-coder-1.5b-instruct-int8"}},
+    "genai-int4": {"kind": "genai", "precision": "int4", "extra": []},
+    "genai-int4-kquant-mixed": {"kind": "genai", "precision": "int4", "extra": ["algo_config=k_quant_mixed"]},
+    "genai-int8": {"kind": "genai", "precision": "int8", "extra": []},
+    "llamacpp": {"kind": "llamacpp", "threads": 2},
+    "llamacpp-1t": {"kind": "llamacpp", "threads": 1},
+    "optimum-fp32": {"kind": "optimum", "int8": False},
+    "optimum-int8": {"kind": "optimum", "int8": True},
+    "transformers-fp32": {"kind": "transformers"},
+}
+QUICK_SYSTEMS = ("qwen-edge-int4", "genai-int4")
+OURS = "qwen-edge-int4"
+ANCHOR_GROUPS = {"genai": ("genai-int4",), "llamacpp": ("llamacpp", "llamacpp-1t")}
+ENV_OF = {"genai": "genai", "llamacpp": "llamacpp", "optimum": "optimum"}
+SCRIPT_OF = {"genai": "genai.py", "llamacpp": "llamacpp.py", "optimum": "optimum_onnx.py",
+             "transformers": "transformers_fp32.py", "qwen-edge": "qwen_edge_anchor.py"}
+
+
+class BenchError(Exception):
+    """A benchmark step that failed; the message says which and what to do."""
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')} load {os.getloadavg()[0]:.2f}] {msg}", file=sys.stderr, flush=True)
+
+
+def _python(kind: str) -> Path:
+    env = ENV_OF.get(kind)
+    if env is None:
+        return MAIN_PY
+    py = ENVS / env / "bin" / "python"
+    if not py.exists():
+        raise BenchError(f"the {env} venv is missing; run benchmarks/envs/setup.sh {env}")
+    return py
+
+
+def _sha(*parts) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p if isinstance(p, bytes) else str(p).encode())
+    return h.hexdigest()
+
+
+def _dir_mb(path: Path) -> float:
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    return sum(p.stat().st_size for p in files) / 1e6
+
+
+# -- prompts and fidelity inputs ------------------------------------------------------------------
+
+
+def make_prompts(tokenizer) -> dict[str, list[int]]:
+    """The chat prompt and code prompts of exactly LONG_PROMPTS tokens, keyed by their length."""
+    def templated(user: str) -> list[int]:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True,
+                                             tokenize=False)
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    prompts = {}
+    chat = templated(CHAT_PROMPT)
+    prompts[str(len(chat))] = chat
+    code_ids = tokenizer.encode(Path(textwrap.__file__).read_text(encoding="utf-8"), add_special_tokens=False)
+    head = "Explain what this code does:\n```python\n"
+    for n in LONG_PROMPTS:
+        lo, hi = 0, len(code_ids)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if len(templated(head + tokenizer.decode(code_ids[:mid]))) <= n:
+                lo = mid
+            else:
+                hi = mid - 1
+        ids = templated(head + tokenizer.decode(code_ids[:lo]))
+        if len(ids) < n:  # round trips can merge tokens: top up with code ids before the template's tail
+            ids = ids[:-5] + code_ids[lo:lo + n - len(ids)] + ids[-5:]
+        if len(ids) != n:
+            raise BenchError(f"could not make a prompt of exactly {n} tokens (got {len(ids)})")
+        prompts[str(n)] = ids
+    return prompts
+
+
+def fidelity_inputs(tokenizer) -> tuple[dict, dict]:
+    """({text name: ids}, {chat prompt id: ids}) from the shipped evaluation texts and chat prompts."""
+    from edge.fidelity import load_chat_prompts, load_eval_texts
+
+    texts = {f"text:{k}": tokenizer.encode(v, add_special_tokens=False) for k, v in load_eval_texts().items()}
+    chats = {}
+    for i, p in enumerate(load_chat_prompts()):
+        text = tokenizer.apply_chat_template(p["messages"], add_generation_prompt=True, tokenize=False)
+        chats[f"chat:{p.get('id', i)}"] = tokenizer.encode(text, add_special_tokens=False)
+    return texts, chats
+
+
+def reference(model: str, paths: dict, texts: dict, chats: dict, work: Path) -> Path:
+    """Cached float32 reference logits of the texts and greedy continuations of the chat prompts."""
+    key = _sha(json.dumps([texts, chats]), _source_sha(paths), (ANCHORS / "transformers_fp32.py").read_bytes())[:12]
+    out = CACHE / "reference" / f"{model}-{key}.npz"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    ids_file, prompts_file = work / "ref-ids.json", work / "ref-prompts.json"
+    ids_file.write_text(json.dumps(texts))
+    prompts_file.write_text(json.dumps(chats))
+    log(f"{model}: reference logits (transformers fp32)")
+    _run_json([MAIN_PY, ANCHORS / "transformers_fp32.py", "reference", "--model", paths["hf_dir"],
+               "--ids", ids_file, "--prompts", prompts_file, "--out", out], "reference")
+    return out
+
+
+def _source_sha(paths: dict) -> str:
+    return json.loads((paths["hf_dir"] / "source.json").read_text())["sha256"]
+
+
+# -- building -------------------------------------------------------------------------------------
+
+
+def measure_build(cmd: list, log_path: Path, rss_cap_mb: float | None = None) -> dict:
+    """Run a build command; wall seconds and peak RSS of its whole process tree (psutil, 0.1 s).
+
+    With `rss_cap_mb`, a tree that grows past it is killed (recorded as `killed_at_rss_cap`), so a
+    build that cannot fit does not push the shared machine into the OOM killer.
+    """
+    import psutil
+
+    with open(log_path, "w") as logf:
+        t0 = time.perf_counter()
+        proc = psutil.Popen([str(c) for c in cmd], stdout=logf, stderr=subprocess.STDOUT)
+        peak, killed = 0, False
+        while proc.poll() is None:
+            try:
+                tree = [proc, *proc.children(recursive=True)]
+                total = 0
+                for p in tree:
+                    try:
+                        total += p.memory_info().rss
+                    except psutil.Error:
+                        pass
+                peak = max(peak, total)
+                if rss_cap_mb and total > rss_cap_mb * 2**20:
+                    for p in reversed(tree):
+                        try:
+                            p.kill()
+                        except psutil.Error:
+                            pass
+                    killed = True
+            except psutil.Error:
+                pass
+            time.sleep(0.1)
+        seconds = time.perf_counter() - t0
+    return {"returncode": proc.returncode, "killed_at_rss_cap": rss_cap_mb if killed else None, "build_s": round(seconds, 1), "build_peak_rss_mb": round(peak / 2**20, 1),
+            "command": " ".join(shlex.quote(str(c)) for c in cmd), "loadavg_1m": round(os.getloadavg()[0], 2)}
+
+
+def _recipe_path(system: str, spec: dict, model: str, work: Path) -> Path:
+    from edge.recipe import recipes_dir
+
+    name = spec["recipe"][model]
+    path = recipes_dir() / f"{name}.yaml"
+    if "method" not in spec:
+        return path
+    data = yaml.safe_load(path.read_text())
+    data["name"] = f"{name}-{spec['method']}"
+    data.setdefault("precision", {})["method"] = spec["method"]
+    out = CACHE / "recipes" / f"{data['name']}.yaml"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(yaml.safe_dump(data, sort_keys=False))
+    return out
+
+
+def _code_hash(kind: str) -> str:
+    if kind == "qwen-edge":
+        files = sorted((ROOT / "edge").rglob("*.py"))
+    else:
+        files = [ANCHORS / SCRIPT_OF[kind], ENVS / f"{ENV_OF[kind]}.txt"]
+    return _sha(*(f.read_bytes() for f in files))
+
+
+def ensure_artifact(system: str, model: str, paths: dict, work: Path) -> dict:
+    """The system's artifact for this model (built once, cached) with its size and build record."""
+    spec = SYSTEMS[system]
+    kind = spec["kind"]
+    if kind == "llamacpp":  # runs the original GGUF: nothing to build
+        return {"path": str(paths["gguf"]), "artifact_mb": round(_dir_mb(paths["gguf"]), 1), "build": None}
+    if kind == "transformers":
+        return {"path": str(paths["hf_dir"]), "artifact_mb": round(_dir_mb(paths["hf_dir"]) - _meta_mb(paths["hf_dir"]), 1),
+                "build": None}
+    recipe = _recipe_path(system, spec, model, work) if kind == "qwen-edge" else None
+    key = _sha(json.dumps(spec, sort_keys=True), model, _source_sha(paths), _code_hash(kind),
+               recipe.read_bytes() if recipe else b"")[:12]
+    base = CACHE / "artifacts" / f"{system}-{model}-{key}"
+    art, record_path = base / "artifact", base / "build.json"
+    if record_path.exists() and art.exists():
+        record = json.loads(record_path.read_text())
+    else:
+        base.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(art, ignore_errors=True)
+        if kind == "qwen-edge":
+            cmd = [QWEN_EDGE, "build", recipe, "--model", paths["hf_dir"], "--out", art, "--no-eval", "--quiet"]
+        elif kind == "genai":
+            cmd = [_python(kind), ANCHORS / "genai.py", "build", "--input", paths["hf_dir"], "--output", art,
+                   "--precision", spec["precision"], "--quiet"]
+            if spec["extra"]:
+                cmd += ["--extra-options", *spec["extra"]]
+        else:
+            cmd = [_python(kind), ANCHORS / "optimum_onnx.py", "build", "--input", paths["hf_dir"], "--output", art]
+            if spec["int8"]:
+                cmd.append("--int8")
+        log(f"{model}: building {system}")
+        record = measure_build(cmd, base / "build.log")
+        if record["returncode"] != 0 or not art.exists():
+            tail = (base / "build.log").read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
+            raise BenchError(f"building {system} for {model} failed ({record['returncode']}): {tail[0]}; "
+                             f"see {base / 'build.log'}")
+        if kind == "qwen-edge":
+            record["manifest_build"] = json.loads((art / "manifest.json").read_text()).get("build")
+        record_path.write_text(json.dumps(record, indent=2))
+    return {"path": str(art), "artifact_mb": round(_dir_mb(art), 1), "build": record}
+
+
+def _meta_mb(d: Path) -> float:
+    return sum(p.stat().st_size for p in d.iterdir() if p.suffix != ".safetensors") / 1e6
+
+
+# -- measuring ------------------------------------------------------------------------------------
+
+
+def _run_json(cmd: list, what: str, nice: int = 0, timeout: float = 3600) -> dict:
+    full = ["nice", "-n", str(nice), *map(str, cmd)] if nice else [str(c) for c in cmd]
+    try:
+        done = subprocess.run(full, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"{what} took longer than {timeout:.0f} s: {' '.join(full)}") from None
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise BenchError(f"{what} exited with {done.returncode}: {last}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def measure_cmd(system: str, artifact: dict, prompts_file: Path, prompt_tokens: int, new_tokens: int) -> list:
+    """The command of one measurement (a fresh process)."""
+    spec = SYSTEMS[system]
+    kind = spec["kind"]
+    if kind == "qwen-edge":
+        return [QWEN_EDGE, "bench", artifact["path"], "-p", prompt_tokens, "-n", new_tokens, "-r", 1, "--json"]
+    cmd = [_python(kind), ANCHORS / SCRIPT_OF[kind], "run", "--model", artifact["path"], "--ids-file", prompts_file,
+           "--prompt-tokens", prompt_tokens, "--new-tokens", new_tokens, "--warmup-tokens", 2]
+    if kind == "llamacpp":
+        cmd += ["--threads", spec["threads"]]
+    return cmd
+
+
+def score(system: str, artifact: dict, texts: dict, chats: dict, ref_path: Path, work: Path) -> dict:
+    """Fidelity of one system against the reference: overall top-1, KL, perplexity, greedy match."""
+    from edge.fidelity import compare
+
+    kind = SYSTEMS[system]["kind"]
+    with np.load(ref_path) as ref:
+        greedy = {k: ref[f"greedy:{k}"].tolist() for k in chats}
+        seqs = dict(texts)
+        seqs.update({k: chats[k] + greedy[k][:-1] for k in chats if greedy[k]})
+        ids_file, out = work / f"seq-{system}.json", work / f"logits-{system}.npz"
+        ids_file.write_text(json.dumps(seqs))
+        cmd = [_python(kind), ANCHORS / SCRIPT_OF[kind], "logits", "--model", artifact["path"], "--ids", ids_file,
+               "--out", out]
+        log(f"fidelity of {system}")
+        _run_json(cmd, f"logits of {system}")
+        per_text, per_chat = {}, {}
+        with np.load(out) as art:
+            for name, ids in texts.items():
+                per_text[name] = (compare(ref[name], art[name], ids), len(ids))
+            for k in chats:
+                if not greedy[k]:
+                    continue
+                argmax = art[k][len(chats[k]) - 1:].argmax(-1).tolist()
+                per_chat[k] = harness.greedy_prefix(argmax, greedy[k])
+        out.unlink()
+    overall = harness.combine_fidelity(per_text)
+    ref_total = sum(len(greedy[k]) for k in per_chat)
+    return {**overall, "greedy_match": sum(per_chat.values()) / max(ref_total, 1),
+            "languages": {k.split(":", 1)[1]: m for k, (m, _) in per_text.items()}, "greedy": per_chat}
+
+
+# -- the run --------------------------------------------------------------------------------------
+
+
+def summarize(system: str, artifact: dict, runs: list[dict], scenarios: dict, fidelity: dict | None) -> dict:
+    """One table row from a system's runs: spreads of each scenario's numbers, plus size, build, fidelity."""
+    def pick(scenario, key):
+        return harness.spread(r["result"].get(key) for r in runs if r["system"] == system and r["scenario"] == scenario)
+
+    chat = next(k for k in scenarios if k.startswith("chat"))
+    row = {"artifact_mb": artifact["artifact_mb"], "build_s": None, "build_peak_rss_mb": None,
+           "ttft_chat": pick(chat, "ttft_ms"), "decode": pick(chat, "decode_tps"), "rss_chat": pick(chat, "peak_rss_mb"),
+           "ttft_512": pick("p512", "ttft_ms"), "prefill_512": pick("p512", "prefill_tps"),
+           "rss_512": pick("p512", "peak_rss_mb"), "ttft_1500": pick("p1500", "ttft_ms"),
+           "prefill_1500": pick("p1500", "prefill_tps")}
+    if artifact["build"]:
+        row.update(build_s=artifact["build"]["build_s"], build_peak_rss_mb=artifact["build"]["build_peak_rss_mb"])
+    if fidelity:
+        row.update({k: fidelity[k] for k in ("top1_agreement", "mean_kl", "ppl_reference", "ppl_artifact", "greedy_match")})
+    return row
+
+
+def target_metrics(row: dict) -> dict:
+    """The scalar numbers the targets compare (medians of the spreads)."""
+    med = lambda s: s["median"] if s else None  # noqa: E731
+    return {"decode_tps": med(row.get("decode")), "ttft_512_ms": med(row.get("ttft_512")),
+            "artifact_mb": row.get("artifact_mb"), "peak_rss_mb": med(row.get("rss_chat")),
+            "peak_rss_512_mb": med(row.get("rss_512")), "mean_kl": row.get("mean_kl"),
+            "top1_agreement": row.get("top1_agreement"), "build_peak_rss_mb": row.get("build_peak_rss_mb")}
+
+
+def run_model(model: str, systems: list[str], reps: int, nice: int, fidelity: bool, work: Path) -> dict:
+    from transformers import AutoTokenizer
+
+    paths = ensure_model(model, progress=False)
+    tokenizer = AutoTokenizer.from_pretrained(paths["hf_dir"])
+    prompts = make_prompts(tokenizer)
+    prompts_file = work / f"prompts-{model}.json"
+    prompts_file.write_text(json.dumps(prompts))
+    chat_len = next(iter(prompts))
+    scenarios = {f"chat{chat_len}": (int(chat_len), NEW_TOKENS), **{f"p{n}": (n, LONG_NEW_TOKENS) for n in LONG_PROMPTS}}
+
+    artifacts = {s: ensure_artifact(s, model, paths, work) for s in systems}
+    log(f"{model}: page-cache warm-up, one untimed process per system")
+    for s in systems:
+        _run_json(measure_cmd(s, artifacts[s], prompts_file, int(chat_len), 4), f"warm-up of {s}", nice)
+    runs = []
+    order = harness.interleave(systems, list(scenarios), reps)
+    for i, (rep, scenario, system) in enumerate(order, 1):
+        p, n = scenarios[scenario]
+        load_before = os.getloadavg()[0]
+        result = _run_json(measure_cmd(system, artifacts[system], prompts_file, p, n), f"{system} {scenario}", nice)
+        runs.append({"rep": rep, "scenario": scenario, "system": system, "result": result,
+                     "loadavg_1m_before": round(load_before, 2), "loadavg_1m_after": round(os.getloadavg()[0], 2)})
+        log(f"{model} [{i}/{len(order)}] {system} {scenario}: ttft {result.get('ttft_ms')} ms, "
+            f"decode {result.get('decode_tps')} tok/s, rss {result.get('peak_rss_mb')} MB")
+
+    scores = {}
+    if fidelity:
+        texts, chats = fidelity_inputs(tokenizer)
+        ref_path = reference(model, paths, texts, chats, work)
+        for s in systems:
+            if SYSTEMS[s]["kind"] != "transformers":  # the reference itself
+                scores[s] = score(s, artifacts[s], texts, chats, ref_path, work)
+    rows = {s: summarize(s, artifacts[s], runs, scenarios, scores.get(s)) for s in systems}
+    anchors = {g: _best_anchor(rows, cands) for g, cands in ANCHOR_GROUPS.items()}
+    targets = harness.evaluate_targets({s: target_metrics(r) for s, r in rows.items()}, OURS, anchors) \
+        if OURS in rows else []
+    return {"model": model, "title": MODELS[model]["title"], "prompts": {k: len(v) for k, v in prompts.items()},
+            "scenarios": scenarios, "artifacts": artifacts, "runs": runs, "fidelity": scores, "rows": rows,
+            "targets": targets}
+
+
+def _best_anchor(rows: dict, candidates: tuple) -> str | None:
+    """The anchor system of a group measured in this run; for several (llama.cpp threads), the fastest decoder."""
+    present = [c for c in candidates if c in rows]
+    if not present:
+        return None
+    return max(present, key=lambda c: (target_metrics(rows[c])["decode_tps"] or 0))
+
+
+def machine() -> dict:
+    import psutil
+
+    return {"host": platform.node(), "cpu": _cpu_name(), "cores": os.cpu_count(),
+            "memory_gib": round(psutil.virtual_memory().total / 2**30, 1), "python": platform.python_version()}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def write_outputs(result: dict) -> Path:
+    """benchmarks/results/<date>-<machine>.json, latest.md and the PNG plots."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = result["date"].replace(":", "").replace("-", "")[:13]
+    json_path = RESULTS / f"{stamp}-{result['machine']['host']}.json"
+    json_path.write_text(json.dumps(result, indent=1, default=str))
+    md = [f"# Benchmark results\n", f"- date: {result['date']}",
+          f"- machine: {result['machine']['cpu']}, {result['machine']['cores']} cores, "
+          f"{result['machine']['memory_gib']} GiB ({result['machine']['host']}, shared with other jobs)",
+          f"- command: `{result['command']}`",
+          f"- load average (1 min) over the measurements: {result['load']['min']:.2f}–{result['load']['max']:.2f} "
+          f"(median {result['load']['median']:.2f}); measurement processes ran at nice {result['nice']}",
+          f"- {result['reps']} repetitions per system and prompt, round-robin over the systems, each a fresh "
+          f"process; cells show median (min–max). Raw runs: `{json_path.name}`", ""]
+    for m in result["models"]:
+        md += [f"## {m['title']}", "", f"Prompts: {', '.join(f'{k} tokens' for k in m['prompts'])}; decode over "
+               f"{NEW_TOKENS} greedy tokens after the chat prompt; peak RSS while generating after the chat prompt.", "",
+               harness.render_table(m["rows"]), ""]
+        if m["targets"]:
+            md += ["Targets (qwen-edge int4 vs the anchors in this run):", "", harness.render_targets(m["targets"]), ""]
+        md += _plots(m)
+    (RESULTS / "latest.md").write_text("\n".join(md))
+    return json_path
+
+
+def _plots(m: dict) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = []
+    for key, ylabel, fname in (("decode", "decode tok/s (median)", "decode_vs_size"),
+                               ("top1_agreement", "top-1 agreement vs fp32", "fidelity_vs_size")):
+        pts = []
+        for s, row in m["rows"].items():
+            y = row.get(key)
+            y = y["median"] if isinstance(y, dict) else y
+            if y is not None:
+                pts.append((row["artifact_mb"], y, s))
+        if not pts:
+            continue
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        for x, y, s in pts:
+            ax.scatter(x, y, color="tab:red" if s.startswith("qwen-edge") else "tab:blue")
+            ax.annotate(s, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set_xlabel("artifact size on disk (MB)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{m['title']}")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = RESULTS / f"{fname}-{m['model']}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        lines.append(f"![{ylabel} vs size]({path.name})")
+    return lines + [""]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="0.5B, qwen-edge demo recipe vs genai int4, 2 repetitions")
+    parser.add_argument("--systems", help=f"comma-separated, from: {', '.join(SYSTEMS)}")
+    parser.add_argument("--models", help=f"comma-separated, from: {', '.join(MODELS)}")
+    parser.add_argument("--reps", type=int, help="measured repetitions per system and prompt (default 3; --quick 2)")
+    parser.add_argument("--nice", type=int, default=-15 if os.geteuid() == 0 else 0,
+                        help="niceness of the measurement processes (default -15 as root: a fair share on a busy machine)")
+    parser.add_argument("--no-fidelity", action="store_true", help="skip the fidelity comparison")
+    args = parser.parse_args(argv)
+    systems = args.systems.split(",") if args.systems else list(QUICK_SYSTEMS if args.quick else SYSTEMS)
+    models = args.models.split(",") if args.models else (["0.5b"] if args.quick else list(MODELS))
+    reps = args.reps or (2 if args.quick else 3)
+    bad = [s for s in systems if s not in SYSTEMS] + [m for m in models if m not in MODELS]
+    if bad or reps < 1:
+        print(f"error: unknown {', '.join(bad) or 'value'}; systems: {', '.join(SYSTEMS)}; models: "
+              f"{', '.join(MODELS)}; --reps must be >= 1", file=sys.stderr)
+        return 2
+    work = CACHE / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    started = dt.datetime.now().astimezone()
+    try:
+        done = [run_model(m, systems, reps, args.nice, not args.no_fidelity, work) for m in models]
+    except BenchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    loads = [x for m in done for r in m["runs"] for x in (r["loadavg_1m_before"], r["loadavg_1m_after"])]
+    result = {"date": started.isoformat(timespec="seconds"), "finished": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+              "machine": machine(), "command": "python benchmarks/run.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "nice": args.nice, "reps": reps, "systems": systems, "load": harness.spread(loads), "models": done}
+    path = write_outputs(result)
+    print((RESULTS / "latest.md").read_text())
+    print(f"wrote {path} and {RESULTS / 'latest.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

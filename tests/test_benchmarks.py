@@ -1,0 +1,116 @@
+"""The benchmark harness's pure parts: statistics, run order, fidelity aggregation, targets, table."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+harness = _load("bench_harness", ROOT / "benchmarks" / "harness.py")
+synthetic = _load("bench_synthetic", ROOT / "benchmarks" / "synthetic.py")
+
+
+def test_spread_median_min_max_and_missing_values():
+    assert harness.spread([3.0, 1.0, None, 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0, "n": 3}
+    assert harness.spread([4, 1])["median"] == 2.5
+    assert harness.spread([None, None]) is None
+
+
+def test_interleave_is_round_robin_over_systems():
+    order = harness.interleave(["A", "B", "C"], ["s1", "s2"], 2)
+    assert [o[2] for o in order] == ["A", "B", "C"] * 4
+    assert [o[1] for o in order[:6]] == ["s1"] * 3 + ["s2"] * 3
+    assert [o[0] for o in order] == [0] * 6 + [1] * 6
+    # every system meets every scenario once per repetition
+    assert sorted(order) == sorted({(r, s, x) for r in range(2) for s in ("s1", "s2") for x in "ABC"})
+
+
+def test_combine_fidelity_weights_by_positions():
+    a = {"top1_agreement": 1.0, "mean_kl": 0.0, "ppl_reference": 2.0, "ppl_artifact": 2.0}
+    b = {"top1_agreement": 0.5, "mean_kl": 0.3, "ppl_reference": 8.0, "ppl_artifact": 16.0}
+    out = harness.combine_fidelity({"a": (a, 11), "b": (b, 31)})
+    assert out["tokens"] == 42
+    assert out["top1_agreement"] == pytest.approx((11 * 1.0 + 31 * 0.5) / 42)
+    assert out["mean_kl"] == pytest.approx(31 * 0.3 / 42)
+    # perplexity: exp of the target-weighted mean log perplexity (10 and 30 targets)
+    assert out["ppl_artifact"] == pytest.approx(math.exp((10 * math.log(2) + 30 * math.log(16)) / 40))
+    with pytest.raises(ValueError):
+        harness.combine_fidelity({})
+
+
+def test_greedy_prefix_counts_until_first_difference():
+    assert harness.greedy_prefix([1, 2, 3, 4], [1, 2, 9, 4]) == 2
+    assert harness.greedy_prefix([5], [6]) == 0
+    assert harness.greedy_prefix([1, 2, 3], [1, 2, 3]) == 3
+
+
+def _rows():
+    return {
+        "ours": {"decode_tps": 20.0, "ttft_512_ms": 2000.0, "artifact_mb": 400.0, "peak_rss_mb": 700.0,
+                 "peak_rss_512_mb": 800.0, "mean_kl": 0.05, "top1_agreement": 0.91, "build_peak_rss_mb": 1000.0},
+        "g": {"decode_tps": 25.0, "ttft_512_ms": 5000.0, "artifact_mb": 873.0, "peak_rss_mb": 600.0,
+              "peak_rss_512_mb": 970.0, "mean_kl": 0.2, "top1_agreement": 0.8, "build_peak_rss_mb": 6400.0},
+        "l": {"decode_tps": 16.0},
+    }
+
+
+def test_targets_ratios_and_verdicts():
+    t = {x["key"]: x for x in harness.evaluate_targets(_rows(), "ours", {"genai": "g", "llamacpp": "l"})}
+    assert t["decode"]["ratio"] == pytest.approx(20 / 16) and t["decode"]["met"] is True
+    assert t["ttft512"]["ratio"] == pytest.approx(0.4) and t["ttft512"]["met"] is True
+    assert t["size"]["ratio"] == pytest.approx(400 / 873) and t["size"]["met"] is True
+    assert t["rss"]["met"] is False  # 700 > 600
+    assert t["rss512"]["met"] is True
+    assert t["kl"]["ratio"] == pytest.approx(0.25) and t["kl"]["met"] is True
+    assert t["top1"]["met"] is True and t["top1"]["anchor"] is None
+    assert t["build_rss"]["ratio"] == pytest.approx(1000 / 6400) and t["build_rss"]["met"] is True
+
+
+def test_targets_limits_are_inclusive_and_missing_anchor_is_not_measured():
+    rows = _rows()
+    rows["ours"]["ttft_512_ms"] = 2500.0  # exactly 0.5x
+    t = {x["key"]: x for x in harness.evaluate_targets(rows, "ours", {"genai": "g", "llamacpp": None})}
+    assert t["ttft512"]["met"] is True
+    assert t["decode"]["met"] is None and t["decode"]["ratio"] is None
+    rows["ours"]["ttft_512_ms"] = 2501.0
+    assert {x["key"]: x for x in harness.evaluate_targets(rows, "ours", {"genai": "g"})}["ttft512"]["met"] is False
+
+
+def test_render_table_and_targets():
+    rows = {"qwen-edge-int4": {"artifact_mb": 412.3, "decode": harness.spread([20.0, 22.0, 21.0]),
+                               "ttft_512": harness.spread([2000.0]), "top1_agreement": 0.912, "mean_kl": 0.0512,
+                               "ppl_artifact": 5.5, "ppl_reference": 5.0},
+            "genai-int4": {"artifact_mb": 873.6}}
+    md = harness.render_table(rows).splitlines()
+    assert md[0].startswith("| system | artifact MB |")
+    assert len(md) == 4 and all(line.count("|") == md[0].count("|") for line in md)
+    assert "21.00 (20.00–22.00)" in md[2] and "2,000" in md[2] and "0.912" in md[2] and "5.50 (5.00)" in md[2]
+    assert md[3].count("—") == len(harness.COLUMNS) - 1
+    text = harness.render_targets(harness.evaluate_targets(_rows(), "ours", {"genai": "g", "llamacpp": None}))
+    assert "TTFT 512-token prompt <= 0.5x genai: **met** (ours 2,000 vs g 5,000 = 0.40x)" in text
+    assert "peak RSS generating (chat prompt) <= 1.0x genai: **missed**" in text
+    assert "decode tok/s >= 1.0x llama.cpp: not measured" in text
+
+
+def test_synthetic_shapes_match_qwen25_3b():
+    shards = synthetic.tensor_shapes()
+    tensors = dict(t for items in shards.values() for t in items)
+    assert len(shards) == 1 + math.ceil(36 / synthetic.LAYERS_PER_SHARD)
+    assert "lm_head.weight" not in tensors  # tied embeddings
+    assert tensors["model.embed_tokens.weight"] == (151936, 2048)
+    assert tensors["model.layers.35.self_attn.k_proj.weight"] == (256, 2048)
+    assert tensors["model.layers.0.mlp.down_proj.weight"] == (2048, 11008)
+    params = sum(math.prod(s) for s in tensors.values())
+    assert 3.0e9 < params < 3.2e9  # Qwen2.5-3B: 3.09 B parameters
