@@ -89,7 +89,7 @@ class Precision(_Strict):
 
     def bits_for(self, tensor_name: str) -> str:
         """Precision of one linear weight by its HF name (``int8_layers`` applies to 'mixed' and 'gptq')."""
-        if self.method in ("mixed", "gptq"):
+        if self.method in ("mixed", "gptq") and self.weights == "int4":
             default = DEFAULT_INT8_LAYERS if self.method == "mixed" else ()
             patterns = self.int8_layers if self.int8_layers is not None else default
             if any(fnmatch.fnmatchcase(tensor_name, p) for p in patterns):
