@@ -53,6 +53,8 @@ LONG_NEW_TOKENS = 8
 # derives a variant recipe with another quantization method.
 SYSTEMS = {
     "qwen-edge-int4": {"kind": "qwen-edge", "recipe": {"0.5b": "demo", "1.5b": "qwen2.5-coder-1.5b-instruct-int4"}},
+    # the same recipe pinned to one ONNX Runtime thread (on a machine whose cores other jobs keep busy)
+    "qwen-edge-int4-1t": {"kind": "qwen-edge", "recipe": {"0.5b": "demo", "1.5b": "qwen2.5-coder-1.5b-instruct-int4"}, "overrides": {"intra_op_num_threads": 1}},
     "qwen-edge-int4-hqq": {"kind": "qwen-edge", "recipe": {"0.5b": "demo", "1.5b": "qwen2.5-coder-1.5b-instruct-int4"}, "method": "hqq"},
     "qwen-edge-int4-kquant": {"kind": "qwen-edge", "recipe": {"0.5b": "demo", "1.5b": "qwen2.5-coder-1.5b-instruct-int4"}, "method": "kquant"},
     "qwen-edge-int4-mixed": {"kind": "qwen-edge", "recipe": {"0.5b": "demo", "1.5b": "qwen2.5-coder-1.5b-instruct-int4"}, "method": "mixed"},
@@ -208,16 +210,18 @@ def measure_build(cmd: list, log_path: Path, rss_cap_mb: float | None = None) ->
             "command": " ".join(shlex.quote(str(c)) for c in cmd), "loadavg_1m": round(os.getloadavg()[0], 2)}
 
 
-def _recipe_path(system: str, spec: dict, model: str, work: Path) -> Path:
+def _recipe_path(system: str, spec: dict, model: str) -> Path:
     from edge.recipe import recipes_dir
 
     name = spec["recipe"][model]
     path = recipes_dir() / f"{name}.yaml"
-    if "method" not in spec:
+    if "method" not in spec and "overrides" not in spec:
         return path
     data = yaml.safe_load(path.read_text())
-    data["name"] = f"{name}-{spec['method']}"
-    data.setdefault("precision", {})["method"] = spec["method"]
+    data["name"] = system.replace("qwen-edge", name, 1)
+    if "method" in spec:
+        data.setdefault("precision", {})["method"] = spec["method"]
+    data.setdefault("overrides", {}).update(spec.get("overrides", {}))
     out = CACHE / "recipes" / f"{data['name']}.yaml"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(yaml.safe_dump(data, sort_keys=False))
@@ -241,7 +245,7 @@ def ensure_artifact(system: str, model: str, paths: dict, work: Path) -> dict:
     if kind == "transformers":
         return {"path": str(paths["hf_dir"]), "artifact_mb": round(_dir_mb(paths["hf_dir"]) - _meta_mb(paths["hf_dir"]), 1),
                 "build": None}
-    recipe = _recipe_path(system, spec, model, work) if kind == "qwen-edge" else None
+    recipe = _recipe_path(system, spec, model) if kind == "qwen-edge" else None
     key = _sha(json.dumps(spec, sort_keys=True), model, _source_sha(paths), _code_hash(kind),
                recipe.read_bytes() if recipe else b"")[:12]
     base = CACHE / "artifacts" / f"{system}-{model}-{key}"

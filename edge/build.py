@@ -61,6 +61,11 @@ def weight_plan(precision: Precision, config: QwenConfig) -> WeightPlan:
     )
 
 
+def _status(message: str, progress: bool, log=sys.stderr) -> None:
+    if progress:
+        print(f"qwen-edge: {message}...", file=log, flush=True)
+
+
 def export(source, out_dir: Path, plan: WeightPlan, options: GraphOptions, progress: bool = True,
            quantized=None) -> None:
     """Write model.onnx + model.onnx.data and the tokenizer files of `source` into `out_dir`.
@@ -74,6 +79,7 @@ def export(source, out_dir: Path, plan: WeightPlan, options: GraphOptions, progr
                 callback=lambda tensor, info: bar.update(1), alignment=ALIGNMENT)
     finally:
         bar.close()
+    _status("writing the tokenizer", progress)
     source.write_tokenizer(out_dir)
 
 
@@ -92,6 +98,7 @@ def build(recipe: Recipe, *, model: str | None = None, out: Path | None = None, 
     out_dir = Path(out or Path("artifacts") / recipe.name).resolve()
     start = time.perf_counter()
     spec = model or recipe.resolve_source(progress=progress)
+    _status(f"opening {spec}", progress, log)
     source = open_source(spec, progress=progress)
     recipe.check_context_length(source.config.max_position_embeddings)
     plan = weight_plan(recipe.precision, source.config)
@@ -138,6 +145,7 @@ def _check_fidelity(artifact_dir: Path, source, recipe: Recipe, profile: Profile
 
     from edge import fidelity
 
+    _status("loading the fp32 reference for the fidelity check", progress)
     reference = source.reference_model()
     tokenizer = AutoTokenizer.from_pretrained(str(artifact_dir))
     result = fidelity.evaluate(artifact_dir, reference, tokenizer, progress=progress,

@@ -187,7 +187,7 @@ def gptq(weight: torch.Tensor, h: torch.Tensor, spec: QuantSpec, percdamp: float
     w = weight.detach().to(torch.float32).clone()
     h = h.detach().to(torch.float32).clone()
     n, k = w.shape
-    bs, maxq = spec.block_size, 2**spec.bits - 1
+    bs = spec.block_size
     kb = -(-k // bs)
     dead = h.diagonal() == 0
     h[dead, dead] = 1
@@ -198,6 +198,27 @@ def gptq(weight: torch.Tensor, h: torch.Tensor, spec: QuantSpec, percdamp: float
     q = torch.zeros(n, kb * bs, dtype=torch.uint8)
     scales = torch.zeros(n, kb)
     zeros = torch.zeros(n, kb)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # thousands of small ops: extra threads only add synchronisation (6x slower on 2 cores)
+    try:
+        _columns(w, hinv, spec, column_block, q, scales, zeros)
+    finally:
+        torch.set_num_threads(threads)
+
+    zp = None
+    if not spec.symmetric:
+        zp = zeros.to(torch.uint8).numpy()
+        if spec.bits == 4:  # an odd block count pads the last byte with 8, as the rtn kernel does
+            zp = pack(np.pad(zp, ((0, 0), (0, kb % 2)), constant_values=8), 4)
+    return BlockQuantized(packed=pack(q.reshape(n, kb, bs).numpy(), spec.bits), scales=scales.numpy(),
+                          zero_points=zp, bits=spec.bits, block_size=bs, n=n, k=k)
+
+
+def _columns(w: torch.Tensor, hinv: torch.Tensor, spec: QuantSpec, column_block: int, q: torch.Tensor,
+             scales: torch.Tensor, zeros: torch.Tensor) -> None:
+    """The GPTQ sweep over K: quantize a column, push its error onto the columns to its right."""
+    k = w.shape[1]
+    bs, maxq = spec.block_size, 2**spec.bits - 1
     for i1 in range(0, k, column_block):
         i2 = min(i1 + column_block, k)
         w1 = w[:, i1:i2].clone()
@@ -215,18 +236,13 @@ def gptq(weight: torch.Tensor, h: torch.Tensor, spec: QuantSpec, percdamp: float
             err[:, j] = e
         w[:, i2:] -= err @ hinv[i1:i2, i2:]
 
-    zp = None
-    if not spec.symmetric:
-        zp = zeros.to(torch.uint8).numpy()
-        if spec.bits == 4:  # an odd block count pads the last byte with 8, as the rtn kernel does
-            zp = pack(np.pad(zp, ((0, 0), (0, kb % 2)), constant_values=8), 4)
-    return BlockQuantized(packed=pack(q.reshape(n, kb, bs).numpy(), spec.bits), scales=scales.numpy(),
-                          zero_points=zp, bits=spec.bits, block_size=bs, n=n, k=k)
-
 
 # ----- the whole model -------------------------------------------------------------------------
 class Calibrated:
-    """GPTQ blobs by graph key, one ``.npz`` per layer in `directory`; call it as DecoderGraph's `quantized`."""
+    """GPTQ blobs by graph key, one ``.npz`` per layer (and one for lm_head) in `directory`.
+
+    Call it as DecoderGraph's `quantized`: blobs by graph key, None for keys it does not hold.
+    """
 
     _KEY = re.compile(r"^model\.layers\.(\d+)\.")
 
@@ -234,19 +250,23 @@ class Calibrated:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
 
-    def add(self, layer: int, blobs: dict[str, BlockQuantized]) -> None:
+    def _path(self, key: str) -> Path:
+        match = self._KEY.match(key)
+        return self.directory / (f"layer{match.group(1)}.npz" if match else f"{key}.npz")
+
+    def add(self, blobs: dict[str, BlockQuantized]) -> None:
+        """Spill blobs that share one file: one layer's groups, or a single non-layer key."""
         arrays = {}
         for key, b in blobs.items():
             arrays[f"{key}|packed"], arrays[f"{key}|scales"] = b.packed, b.scales
             arrays[f"{key}|shape"] = np.array([b.bits, b.block_size, b.n, b.k], np.int64)
             if b.zero_points is not None:
                 arrays[f"{key}|zp"] = b.zero_points
-        np.savez(self.directory / f"layer{layer}.npz", **arrays)
+        np.savez(self._path(next(iter(blobs))), **arrays)
 
     def __call__(self, key: str) -> BlockQuantized | None:
-        match = self._KEY.match(key)
-        path = self.directory / f"layer{match.group(1)}.npz" if match else None
-        if path is None or not path.is_file():
+        path = self._path(key)
+        if not path.is_file():
             return None
         with np.load(path) as data:
             if f"{key}|packed" not in data:
@@ -261,10 +281,11 @@ class Calibrated:
 
 
 def calibrate(source, plan: WeightPlan, spill_dir: Path, *, tokens: int = DEFAULT_TOKENS, seq_len: int = SEQ_LEN,
-              text: str | None = None, progress: bool = True) -> Calibrated:
+              text: str | None = None, lm_head: bool = False, progress: bool = True) -> Calibrated:
     """Quantize every decoder linear that `plan` stores as a QuantSpec with sequential GPTQ.
 
-    Embedding and lm_head are not touched (the graph quantizes them with their own spec).
+    The embedding is not touched (the graph quantizes it with its own spec); nor is lm_head unless
+    `lm_head` is set and it has its own blobs (not the tied embedding's).
     """
     cfg = source.config
     ids = calibration_ids(source, tokens, seq_len, text)
@@ -287,5 +308,10 @@ def calibrate(source, plan: WeightPlan, spill_dir: Path, *, tokens: int = DEFAUL
                 return torch.from_numpy(blobs[key].dequantize())
 
             x = layer_forward(x, w, cfg, cos, sin, quantized_weight)
-            result.add(i, blobs)
+            if blobs:
+                result.add(blobs)
+        if lm_head and isinstance(plan.lm_head, QuantSpec) and not (cfg.tie_word_embeddings and plan.lm_head == plan.embedding):
+            h = hessian(F.rms_norm(x, (cfg.hidden_size,), torch.from_numpy(source.tensor("model.norm.weight")), cfg.rms_norm_eps))
+            name = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+            result.add({"lm_head": gptq(torch.from_numpy(source.tensor(name)), h, plan.lm_head)})
     return result

@@ -20,7 +20,6 @@ import json
 import os
 import resource
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,13 +29,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 DEFAULT_PROMPT = "Write a Python function that checks whether a string is a palindrome."
-METRICS = ("ttft_ms", "prefill_tps", "decode_tps", "peak_rss_mb", "load_ms")
 
 
-def _fail(message: str) -> None:
-    """Exit with a one-line error."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+_fail = common.fail
 
 
 def _dir_bytes(path: str) -> int:
@@ -170,30 +165,13 @@ def run(args: argparse.Namespace) -> dict:
 
 def repeat(args: argparse.Namespace) -> list[dict]:
     """A discarded warm-up process, then args.reps fresh `run` processes; prints each and the median."""
-    cmd = [sys.executable, os.path.abspath(__file__), "run", "--model", args.model,
-           "--new-tokens", str(args.new_tokens), "--warmup-tokens", str(args.warmup_tokens),
-           "--prompt", args.prompt, "--threads", str(args.threads)]
+    argv = ["--model", args.model, "--new-tokens", str(args.new_tokens), "--warmup-tokens", str(args.warmup_tokens),
+            "--prompt", args.prompt, "--threads", str(args.threads)]
     if args.prompt_tokens is not None:
-        cmd += ["--prompt-tokens", str(args.prompt_tokens)]
+        argv += ["--prompt-tokens", str(args.prompt_tokens)]
     if args.ids_file:
-        cmd += ["--ids-file", args.ids_file]
-    runs = []
-    for i in range(args.reps + 1):
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-            _fail(f"measurement process exited with {done.returncode}: {last}")
-        result = json.loads(done.stdout.strip().splitlines()[-1])
-        if i == 0:
-            continue
-        result["run"] = i
-        print(json.dumps(result), flush=True)
-        runs.append(result)
-    median = {k: statistics.median(r[k] for r in runs) for k in METRICS if runs[0].get(k) is not None}
-    median.update(run="median", anchor="onnxruntime-genai", prompt_tokens=runs[0]["prompt_tokens"],
-                  new_tokens=runs[0]["new_tokens"], reps=len(runs))
-    print(json.dumps(median), flush=True)
-    return runs
+        argv += ["--ids-file", args.ids_file]
+    return common.repeat(os.path.abspath(__file__), argv, args.reps, "onnxruntime-genai")
 
 
 def logits(args: argparse.Namespace) -> dict:
