@@ -131,6 +131,7 @@ class Profile(_Strict):
     memory_budget_mb: Annotated[int, Field(gt=0)]
     fidelity_threshold: FidelityThreshold | None = None
     graph_optimization_level: Literal["disable", "basic", "extended", "all"] = "all"
+    session_config: dict[str, str] = Field(default_factory=dict)  # onnxruntime session config entries
 
     @model_validator(mode="after")
     def _cpu_takes_no_options(self) -> "Profile":
