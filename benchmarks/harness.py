@@ -69,7 +69,7 @@ def evaluate_targets(rows: Mapping[str, Mapping[str, float | None]], ours: str,
     out = []
     mine = rows.get(ours, {})
     for key, text, metric, group, op, limit in TARGETS:
-        entry = {"key": key, "target": text, "system": ours, "anchor": None, "ours": mine.get(metric),
+        entry = {"key": key, "target": text, "system": ours, "group": group, "anchor": None, "ours": mine.get(metric),
                  "theirs": None, "ratio": None, "met": None}
         if op == "abs_ge":
             if entry["ours"] is not None:
@@ -124,11 +124,11 @@ def render_targets(targets: Sequence[Mapping]) -> str:
     lines = []
     for t in targets:
         state = {True: "**met**", False: "**missed**", None: "not measured"}[t["met"]]
-        if t["anchor"] is None and t["ours"] is not None:
+        if t["group"] is None and t["ours"] is not None:
             detail = f"{t['system']} {t['ours']:.3f}"
         elif t["ratio"] is not None:
             detail = f"{t['system']} {t['ours']:,.4g} vs {t['anchor']} {t['theirs']:,.4g} = {t['ratio']:.2f}x"
         else:
-            detail = "needs " + (t["anchor"] or "the anchor") + " and " + t["system"] + " in the run"
+            detail = f"needs {t['system']} and a {t['group'] or 'reference'} system in the run"
         lines.append(f"- {t['target']}: {state} ({detail})")
     return "\n".join(lines)

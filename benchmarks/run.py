@@ -48,6 +48,7 @@ CHAT_PROMPT = "Write a Python function that checks whether a string is a palindr
 LONG_PROMPTS = (512, 1500)
 NEW_TOKENS = 128
 LONG_NEW_TOKENS = 8
+BUILD_RSS_CAP_MB = 21_000  # a build past this is killed (and reported) before the shared machine OOMs
 
 # system -> how to build, run and score it. "recipe" maps a model to a qwen-edge recipe; "method"
 # derives a variant recipe with another quantization method.
@@ -267,7 +268,7 @@ def ensure_artifact(system: str, model: str, paths: dict, work: Path) -> dict:
             if spec["int8"]:
                 cmd.append("--int8")
         log(f"{model}: building {system}")
-        record = measure_build(cmd, base / "build.log")
+        record = measure_build(cmd, base / "build.log", rss_cap_mb=BUILD_RSS_CAP_MB)
         if record["returncode"] != 0 or not art.exists():
             tail = (base / "build.log").read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
             raise BenchError(f"building {system} for {model} failed ({record['returncode']}): {tail[0]}; "

@@ -2,8 +2,8 @@
 numbers (speed and memory do not depend on the weights' values; fidelity is meaningless here).
 
     python benchmarks/synthetic.py make               # write benchmarks/.cache/synthetic-3b (~6.2 GB)
-    python benchmarks/synthetic.py bench [--genai]    # build it with qwen-edge (and genai's builder),
-                                                      # measure, write benchmarks/results/synthetic-3b-*.json
+    python benchmarks/synthetic.py bench [--genai] [--no-qwen-edge]
+        # build it with qwen-edge (and/or genai's builder), measure, write benchmarks/results/synthetic-3b-*.json
 
 The weights are written one safetensors shard at a time (a few layers each), so making the model
 never holds more than one shard in memory. The tokenizer files are the 0.5B fixture's (same vocabulary).
@@ -32,7 +32,7 @@ CONFIG = {  # Qwen2.5-3B-Instruct's config.json shapes
 }
 LAYERS_PER_SHARD = 6
 OUT = HERE / ".cache" / "synthetic-3b"
-GENAI_RSS_CAP_MB = 20_000  # leave room for the other jobs on this shared 24 GiB machine
+GENAI_RSS_CAP_MB = 20_000  # at most; less when other jobs hold memory (see _rss_cap_mb)
 
 
 def tensor_shapes(cfg: dict = CONFIG) -> dict[str, list[tuple[str, tuple[int, ...]]]]:
@@ -100,7 +100,14 @@ def make(out: Path = OUT, seed: int = 0) -> Path:
     return out
 
 
-def bench(genai: bool, reps: int, nice: int) -> dict:
+def _rss_cap_mb() -> float:
+    """Kill a build above this: GENAI_RSS_CAP_MB or what is available now minus 1.5 GB, the smaller."""
+    import psutil
+
+    return min(GENAI_RSS_CAP_MB, psutil.virtual_memory().available / 2**20 - 1500)
+
+
+def bench(genai: bool, qwen_edge: bool, reps: int, nice: int) -> dict:
     """Build the synthetic 3B with qwen-edge (and optionally genai's builder) and measure both."""
     import harness
     import run as runner
@@ -110,8 +117,10 @@ def bench(genai: bool, reps: int, nice: int) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     result = {"date": dt.datetime.now().astimezone().isoformat(timespec="seconds"), "machine": runner.machine(),
               "source": str(src), "source_mb": round(runner._dir_mb(src), 1), "systems": {}}
-    builds = {"qwen-edge-int4": [runner.QWEN_EDGE, "build", "qwen2.5-3b-instruct-int4", "--model", src,
-                                 "--out", work / "synthetic-3b-qwen-edge-int4", "--no-eval", "--quiet"]}
+    builds = {}
+    if qwen_edge:
+        builds["qwen-edge-int4"] = [runner.QWEN_EDGE, "build", "qwen2.5-3b-instruct-int4", "--model", src,
+                                    "--out", work / "synthetic-3b-qwen-edge-int4", "--no-eval", "--quiet"]
     if genai:
         builds["genai-int4"] = [runner._python("genai"), runner.ANCHORS / "genai.py", "build", "--input", src,
                                 "--output", work / "synthetic-3b-genai-int4", "--precision", "int4", "--quiet"]
@@ -120,7 +129,7 @@ def bench(genai: bool, reps: int, nice: int) -> dict:
         shutil.rmtree(art, ignore_errors=True)
         runner.log(f"synthetic 3B: building {name}")
         rec = runner.measure_build(cmd, work / f"synthetic-3b-{name}.log",
-                                   rss_cap_mb=GENAI_RSS_CAP_MB if name.startswith("genai") else None)
+                                   rss_cap_mb=_rss_cap_mb())
         entry = {"build": rec, "built": rec["returncode"] == 0 and art.exists()}
         if entry["built"]:
             entry["artifact_mb"] = round(runner._dir_mb(art), 1)
@@ -144,7 +153,8 @@ def bench(genai: bool, reps: int, nice: int) -> dict:
         result["systems"][name] = entry
         runner.log(f"synthetic 3B {name}: {json.dumps({k: v for k, v in entry.items() if k != 'runs'})}")
     runner.RESULTS.mkdir(parents=True, exist_ok=True)
-    path = runner.RESULTS / f"synthetic-3b-{result['date'][:10]}-{result['machine']['host']}.json"
+    stamp = result["date"].replace(":", "").replace("-", "")[:13]
+    path = runner.RESULTS / f"synthetic-3b-{stamp}-{result['machine']['host']}.json"
     path.write_text(json.dumps(result, indent=1, default=str))
     print(json.dumps(result, indent=1, default=str))
     return result
@@ -156,13 +166,14 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("make", help="write the synthetic model (cached)")
     b = sub.add_parser("bench", help="build and measure it")
     b.add_argument("--genai", action="store_true", help=f"also genai's builder (killed above {GENAI_RSS_CAP_MB} MB)")
+    b.add_argument("--no-qwen-edge", action="store_true", help="skip the qwen-edge build")
     b.add_argument("--reps", type=int, default=2)
     b.add_argument("--nice", type=int, default=-15 if os.geteuid() == 0 else 0)
     args = parser.parse_args(argv)
     if args.cmd == "make":
         print(make())
     else:
-        bench(args.genai, args.reps, args.nice)
+        bench(args.genai, not args.no_qwen_edge, args.reps, args.nice)
     return 0
 
 

@@ -123,6 +123,7 @@ def build(recipe: Recipe, *, model: str | None = None, out: Path | None = None, 
             if calibrated is not None:
                 calibrated.close()
         write_genai_config(staging, source.config, recipe.context_length, profile)
+        license = _write_license(source, staging, log)
         export_seconds = time.perf_counter() - start
         export_peak = peak_rss_mb()
         fidelity = None
@@ -132,7 +133,7 @@ def build(recipe: Recipe, *, model: str | None = None, out: Path | None = None, 
                  "export_peak_rss_mb": round(export_peak), "peak_rss_mb": round(peak_rss_mb())}
         manifest = write_manifest(staging, recipe=recipe, profile=profile, source_fingerprint=source.fingerprint(),
                                   config=source.config, precision=recipe.precision, fidelity=fidelity,
-                                  build_stats=stats)
+                                  build_stats=stats, license=license)
         _replace_dir(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -154,6 +155,22 @@ def _check_fidelity(artifact_dir: Path, source, recipe: Recipe, profile: Profile
     del reference
     fidelity.check_threshold(result, profile)
     return result
+
+
+def _write_license(source, out_dir: Path, log) -> dict | None:
+    """Copy the model's licence text into the artifact and return its manifest entry; a licence whose
+    text is not at hand is recorded by id alone, with a warning (`qwen-edge package` asks for it)."""
+    from edge.licenses import LICENSE_FILE, choose, identify
+
+    facts = source.license_facts()
+    try:
+        license_id, text = choose(facts, None, None, source.spec)
+    except QwenEdgeError as e:
+        print(f"qwen-edge: warning: {e}", file=log)
+        license_id = identify(facts)
+        return {"id": license_id, "file": None} if license_id else None
+    (out_dir / LICENSE_FILE).write_bytes(text)
+    return {"id": license_id, "file": LICENSE_FILE}
 
 
 def _replace_dir(staging: Path, out_dir: Path) -> None:

@@ -1,4 +1,4 @@
-"""Build-side `qwen-edge` commands: build, eval, recipes, profiles (arguments are parsed in qwen_edge.cli)."""
+"""Build-side `qwen-edge` commands: build, eval, recipes, profiles, package (arguments are parsed in qwen_edge.cli)."""
 
 from __future__ import annotations
 
@@ -77,4 +77,17 @@ def profiles(args) -> int:
         p = load_profile(name)
         print(f"{name:<14} {p.execution_provider:<5} threads {p.intra_op_num_threads or 'all':<4} "
               f"accuracy_level {p.accuracy_level}  memory {p.memory_budget_mb} MB  {p.description.strip()}")
+    return 0
+
+
+def package(args) -> int:
+    """`qwen-edge package ARTIFACT --target T`: write the platform bundle and print a one-line summary."""
+    import time
+
+    from edge.package import package as run_package
+
+    start = time.perf_counter()
+    result = run_package(args.artifact, args.target, args.out, license_file=args.license, license_id=args.license_id)
+    print(f"wrote {result.path}: {result.target} bundle, {result.files} files, {result.bytes / 1e6:.1f} MB, "
+          f"licence {result.license_id}, in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return 0

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from edge.config import SUPPORTED_TEXT, QwenConfig, UnsupportedModelError
+from edge.licenses import LicenseFacts
 from edge.sources import Source, SourceError, hf_config_dict, hf_tensor_shapes, save_tokenizer
 
 GGUF_MAGIC = b"GGUF"
@@ -67,6 +68,9 @@ class GGUFSource(Source):
         missing = [n for n in self._shapes if n not in self._gguf_name and n != "lm_head.weight"]
         if missing:
             raise SourceError(f"{spec} lacks tensors the config requires: {', '.join(missing[:3])}; the file is incomplete")
+        base, size, tune = (self._field(f"general.{k}") for k in ("basename", "size_label", "finetune"))
+        names = (self._field("general.name"), "-".join(p for p in (base, size, tune) if p) if base and size else None)
+        self._license = LicenseFacts(self._field("general.license"), None, tuple(n for n in names if n))
         # The parsed metadata (mostly the vocabulary) holds ~400 MB of small objects; the config is read.
         self._reader.fields.clear()
 
@@ -136,6 +140,9 @@ class GGUFSource(Source):
         # Drop the file pages just read from this process's resident set (they stay in the page cache).
         self._reader.data._mmap.madvise(mmap.MADV_DONTNEED)
         return out
+
+    def license_facts(self) -> LicenseFacts:
+        return self._license
 
     def weight_files(self) -> list[Path]:
         return [self.path]

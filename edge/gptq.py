@@ -178,13 +178,17 @@ def _grid(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def gptq(weight: torch.Tensor, h: torch.Tensor, spec: QuantSpec, percdamp: float = PERCDAMP,
-         column_block: int = COLUMN_BLOCK) -> BlockQuantized:
-    """Quantize an fp32 [N, K] matrix on `spec`'s block grid, minimising ||X W^T - X Q^T|| for H = 2/n X^T X."""
+         column_block: int = COLUMN_BLOCK, *, overwrite: bool = False) -> BlockQuantized:
+    """Quantize an fp32 [N, K] matrix on `spec`'s block grid, minimising ||X W^T - X Q^T|| for H = 2/n X^T X.
+
+    `overwrite` lets the sweep use `weight` itself as its work buffer (saves one copy of a large matrix).
+    """
     if spec.method != "rtn":
         raise ValueError(f"gptq stores the rtn layout; got a {spec.method!r} QuantSpec")
     if column_block % spec.block_size:
         raise ValueError(f"column_block {column_block} must be a multiple of block_size {spec.block_size}")
-    w = weight.detach().to(torch.float32).clone()
+    w = weight.detach().to(torch.float32)
+    w = w if overwrite else w.clone()
     h = h.detach().to(torch.float32).clone()
     n, k = w.shape
     bs = spec.block_size
@@ -310,8 +314,10 @@ def calibrate(source, plan: WeightPlan, spill_dir: Path, *, tokens: int = DEFAUL
             x = layer_forward(x, w, cfg, cos, sin, quantized_weight)
             if blobs:
                 result.add(blobs)
-        if lm_head and isinstance(plan.lm_head, QuantSpec) and not (cfg.tie_word_embeddings and plan.lm_head == plan.embedding):
-            h = hessian(F.rms_norm(x, (cfg.hidden_size,), torch.from_numpy(source.tensor("model.norm.weight")), cfg.rms_norm_eps))
+        shared = cfg.tie_word_embeddings and plan.lm_head == plan.embedding  # the graph reuses the table's blobs
+        if lm_head and isinstance(plan.lm_head, QuantSpec) and not shared:
+            norm = torch.from_numpy(source.tensor("model.norm.weight"))
+            h = hessian(F.rms_norm(x, (cfg.hidden_size,), norm, cfg.rms_norm_eps))
             name = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
-            result.add({"lm_head": gptq(torch.from_numpy(source.tensor(name)), h, plan.lm_head)})
+            result.add({"lm_head": gptq(torch.from_numpy(source.tensor(name)), h, plan.lm_head, overwrite=True)})
     return result

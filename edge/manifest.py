@@ -93,6 +93,7 @@ def write_manifest(
     precision,
     fidelity: Mapping[str, Any] | None,
     build_stats: Mapping[str, Any],
+    license: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Hash every file in ``out_dir`` and write ``manifest.json``; return the manifest.
 
@@ -111,6 +112,7 @@ def write_manifest(
         "precision": _plain(precision),
         "tools": tool_versions(),
         "files": file_table(out),
+        "license": dict(license) if license is not None else None,
         "fidelity": dict(fidelity) if fidelity is not None else None,
         "build": dict(build_stats),
     }

@@ -19,6 +19,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from edge.config import QwenConfig
+from edge.licenses import LicenseFacts, directory_facts
 from edge.pypi_gguf import cache_root
 from qwen_edge.errors import QwenEdgeError
 
@@ -26,6 +27,7 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 HUB_PATTERNS = [
     "config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
     "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "vocab.json", "merges.txt",
+    "LICENSE*", "README.md",
 ]
 _HASH_CHUNK = 8 << 20
 
@@ -162,6 +164,10 @@ class Source(ABC):
     def has_tensor(self, name: str) -> bool:
         return name in self.tensor_names()
 
+    def license_facts(self) -> LicenseFacts:
+        """What the source says about the model's licence (id, licence file, names to look up)."""
+        return LicenseFacts(names=(self.spec,))
+
     def fingerprint(self) -> dict:
         """kind, spec, sha256 of the weights (one file: its hash; several: hash of their hashes), bytes."""
         files = self.weight_files()
@@ -239,6 +245,10 @@ class HFSource(Source):
                     self._where.update(dict.fromkeys(st.keys(), f))
             except (SafetensorError, OSError) as e:
                 raise SourceError(f"{f} is not a readable safetensors file ({e}); re-download or re-save it") from None
+
+    def license_facts(self) -> LicenseFacts:
+        facts = directory_facts(self.path)
+        return LicenseFacts(facts.license_id, facts.license_file, (self.spec, *facts.names))
 
     def _find_weights(self) -> list[Path]:
         index = self.path / "model.safetensors.index.json"

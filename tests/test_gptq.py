@@ -111,6 +111,21 @@ def test_calibrated_blobs_have_the_graph_layout(tiny_model, tmp_path, precision)
     assert not (tmp_path / "spill").exists()
 
 
+@pytest.mark.parametrize("family,tied,lm_head,calibrated", [
+    ("qwen2", False, "int4", True), ("qwen3", True, "int8", True), ("qwen3", True, "same", False)])
+def test_lm_head_is_calibrated_unless_it_shares_the_embedding_blobs(tiny_model, tmp_path, family, tied, lm_head, calibrated):
+    source = open_source(str(tiny_model(family, tied)), progress=False)
+    plan = _plan(source.config, weights="int4", method="gptq", lm_head=lm_head)
+    result = gptq.calibrate(source, plan, tmp_path / "spill", tokens=TOKENS, seq_len=SEQ_LEN, lm_head=True, progress=False)
+    got = result("lm_head")
+    assert (got is not None) == calibrated
+    if calibrated:
+        want = quantize(source.tensor("lm_head.weight" if not tied else "model.embed_tokens.weight"), plan.lm_head)
+        assert (got.packed.shape, got.scales.shape, got.zero_points.shape) == (
+            want.packed.shape, want.scales.shape, want.zero_points.shape)
+    result.close()
+
+
 def _gptq_reference(model_dir, tmp_path, precision: dict):
     """transformers logits with every linear replaced by the calibrated blobs (embedding/lm_head by rtn)."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()

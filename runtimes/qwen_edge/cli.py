@@ -145,7 +145,7 @@ def cmd_inspect(args) -> int:
     print(f"artifact   {art.root}  (format {m['format']} v{m['format_version']}, files verified: {args.verify})")
     print(f"model      {info.family}, {info.num_layers} layers, {info.num_kv_heads} KV heads x {info.head_dim}, "
           f"vocab {info.vocab_size}, context {info.context_length}, eos {list(info.eos_token_ids)}")
-    for key in ("recipe", "precision", "source", "profile", "fidelity", "build", "tools"):
+    for key in ("recipe", "precision", "source", "license", "profile", "fidelity", "build", "tools"):
         print(f"{key:<10} {_flat(m[key]) if m.get(key) else 'not recorded'}")
     total = sum(int(e["size"]) for e in art.files.values())
     print(f"files      {len(art.files)} files, {_size(total)} (+ manifest.json)")
@@ -222,6 +222,37 @@ def cmd_bench(args) -> int:
     return 0
 
 
+# -- verify --------------------------------------------------------------------------------------
+
+
+def cmd_verify(args) -> int:
+    from .bundle import verify_bundle
+
+    r = verify_bundle(args.bundle)
+    print(f"OK {r.path}: {r.target} bundle of {r.recipe}, licence {r.license_id}, "
+          f"{r.files} files, {_size(r.bytes)} verified (size + sha256)")
+    return 0
+
+
+# -- serve ---------------------------------------------------------------------------------------
+
+
+def cmd_serve(args) -> int:
+    from .server import ChatServer, Engine
+
+    server = ChatServer(Engine(_open(args), model_id=args.model_id), args.host, args.port, quiet=args.quiet)
+    engine = server.engine
+    print(f"qwen-edge serve: model {engine.model_id!r} (context {engine.generator.max_length}) at {server.url} "
+          "(OpenAI-compatible; Ctrl-C stops)", file=sys.stderr)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("\nqwen-edge serve: stopped", file=sys.stderr)
+    finally:
+        server.server_close()
+    return 0
+
+
 # -- build side ----------------------------------------------------------------------------------
 
 
@@ -293,6 +324,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_bench)
 
+    p = sub.add_parser("serve", help="local OpenAI-compatible server: /v1/chat/completions and /v1/models")
+    _add_artifact_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 picks a free one)")
+    p.add_argument("--model-id", default=None, help="model id clients send (default: the artifact's recipe name)")
+    p.add_argument("--quiet", action="store_true", help="do not log each request to stderr")
+    p.set_defaults(func=cmd_serve)
+
     p = sub.add_parser("build", help="build an artifact from a recipe (needs qwen-edge[build])")
     p.add_argument("recipe", help="recipe name (see `qwen-edge recipes`) or path to a recipe YAML")
     p.add_argument("--model", default=None, help="source: HF directory, Hub id or GGUF file (default: the recipe's)")
@@ -312,6 +351,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("profiles", help="list the device profiles (needs qwen-edge[build])")
     p.set_defaults(func=_edge_command("profiles"))
+
+    p = sub.add_parser("package", help="write one versioned zip bundle of an artifact for a platform (needs qwen-edge[build])")
+    p.add_argument("artifact", help="artifact directory")
+    p.add_argument("--target", required=True, choices=("android", "ios", "desktop", "web"), help="platform")
+    p.add_argument("--out", default=None, help="bundle file or directory (default: next to the artifact)")
+    p.add_argument("--license", default=None, help="the model's LICENSE file (needed for non-Apache models without one)")
+    p.add_argument("--license-id", default=None, help="the model's licence id, e.g. Apache-2.0 or qwen-research")
+    p.set_defaults(func=_edge_command("package"))
+
+    p = sub.add_parser("verify", help="check a bundle offline: every file's size and sha256")
+    p.add_argument("bundle", help="bundle .zip written by `qwen-edge package`")
+    p.set_defaults(func=cmd_verify)
     return parser
 
 
