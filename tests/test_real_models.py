@@ -29,4 +29,4 @@ def test_int4_build_is_faithful_and_answers_code(recipe, min_top1, tmp_path):
     answer = "".join(chat.send(PROMPT, SamplingParams(), 160))
     assert "def is_palindrome" in answer
     assert "[::-1]" in answer or "reversed" in answer or "while" in answer
-    assert chat.last.stats["decode_tps"] > 0
+    assert chat.last.stats.decode_tps > 0
