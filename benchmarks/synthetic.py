@@ -101,10 +101,10 @@ def make(out: Path = OUT, seed: int = 0) -> Path:
 
 
 def _rss_cap_mb() -> float:
-    """Kill a build above this: GENAI_RSS_CAP_MB or what is available now minus 1.5 GB, the smaller."""
+    """Kill a build above this: GENAI_RSS_CAP_MB or what is available now minus 3 GB, the smaller."""
     import psutil
 
-    return min(GENAI_RSS_CAP_MB, psutil.virtual_memory().available / 2**20 - 1500)
+    return min(GENAI_RSS_CAP_MB, psutil.virtual_memory().available / 2**20 - 3000)
 
 
 def bench(genai: bool, qwen_edge: bool, reps: int, nice: int) -> dict:

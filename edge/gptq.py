@@ -11,7 +11,13 @@ Each linear is quantized column by column along K on a fixed per-block grid (the
 fp32 scale and uint8 zero point per block the MatMulNBits kernel reads); the rounding error of a
 column is spread over the columns not yet quantized through the inverse Hessian's Cholesky factor.
 The grid of a block is chosen from the block's error-updated weights just before it is quantized.
-Activation reordering is not used: it would break the block-wise grid.
+Activation reordering is not used: it would break the block-wise grid. (onnxruntime's
+``neural_compressor.weight_only.gptq`` is not used: it returns only fake-quantized values, no grid,
+and in onnxruntime 1.32 its error feedback reads the zero triangle of the Cholesky factor, so its
+output equals plain rounding.)
+
+The shipped text is about 3,300 Qwen tokens, so the default (4096 tokens in sequences of 512) uses
+six sequences; a longer request is capped by the text.
 
 Only one layer's weights and Hessians are in memory at a time; the blobs of each finished layer are
 written to one ``.npz`` in a spill directory (uncompressed, so a 3B model costs its quantized size on
@@ -294,30 +300,34 @@ def calibrate(source, plan: WeightPlan, spill_dir: Path, *, tokens: int = DEFAUL
     cfg = source.config
     ids = calibration_ids(source, tokens, seq_len, text)
     result = Calibrated(spill_dir)
-    with torch.no_grad():
-        x = embed(source, plan, ids)
-        cos, sin = rotary(cfg, ids.shape[1])
-        bar = tqdm(range(cfg.num_layers), desc=f"gptq ({ids.numel()} tokens)", unit="layer", disable=not progress)
-        for i in bar:
-            w = layer_weights(source, cfg, i)
-            blobs: dict[str, BlockQuantized] = {}
+    try:
+        with torch.no_grad():
+            x = embed(source, plan, ids)
+            cos, sin = rotary(cfg, ids.shape[1])
+            bar = tqdm(range(cfg.num_layers), desc=f"gptq ({ids.numel()} tokens)", unit="layer", disable=not progress)
+            for i in bar:
+                w = layer_weights(source, cfg, i)
+                blobs: dict[str, BlockQuantized] = {}
 
-            def quantized_weight(group: str, inputs: torch.Tensor) -> torch.Tensor:
-                suffix, parts = GROUPS[group]
-                spec = plan.for_linear([f"model.layers.{i}.{part}.weight" for part in parts])
-                if isinstance(spec, str):
-                    return w[group]
-                key = f"model.layers.{i}.{suffix}"
-                blobs[key] = gptq(w[group], hessian(inputs), spec)
-                return torch.from_numpy(blobs[key].dequantize())
+                def quantized_weight(group: str, inputs: torch.Tensor) -> torch.Tensor:
+                    suffix, parts = GROUPS[group]
+                    spec = plan.for_linear([f"model.layers.{i}.{part}.weight" for part in parts])
+                    if isinstance(spec, str):
+                        return w[group]
+                    key = f"model.layers.{i}.{suffix}"
+                    blobs[key] = gptq(w[group], hessian(inputs), spec)
+                    return torch.from_numpy(blobs[key].dequantize())
 
-            x = layer_forward(x, w, cfg, cos, sin, quantized_weight)
-            if blobs:
-                result.add(blobs)
-        shared = cfg.tie_word_embeddings and plan.lm_head == plan.embedding  # the graph reuses the table's blobs
-        if lm_head and isinstance(plan.lm_head, QuantSpec) and not shared:
-            norm = torch.from_numpy(source.tensor("model.norm.weight"))
-            h = hessian(F.rms_norm(x, (cfg.hidden_size,), norm, cfg.rms_norm_eps))
-            name = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
-            result.add({"lm_head": gptq(torch.from_numpy(source.tensor(name)), h, plan.lm_head, overwrite=True)})
+                x = layer_forward(x, w, cfg, cos, sin, quantized_weight)
+                if blobs:
+                    result.add(blobs)
+            shared = cfg.tie_word_embeddings and plan.lm_head == plan.embedding  # the graph reuses the table's blobs
+            if lm_head and isinstance(plan.lm_head, QuantSpec) and not shared:
+                norm = torch.from_numpy(source.tensor("model.norm.weight"))
+                h = hessian(F.rms_norm(x, (cfg.hidden_size,), norm, cfg.rms_norm_eps))
+                name = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+                result.add({"lm_head": gptq(torch.from_numpy(source.tensor(name)), h, plan.lm_head, overwrite=True)})
+    except BaseException:
+        result.close()  # nothing half-written stays behind
+        raise
     return result

@@ -132,6 +132,8 @@ def test_bad_requests_get_openai_errors(server):
         ({**good, "temperature": "hot"}, 400, None),
         ({**good, "temperature": -1}, 400, None),
         ({**good, "top_p": 0}, 400, None),
+        ({**good, "seed": -1}, 400, None),
+        (b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', 400, None),
         ({**good, "stop": 5}, 400, None),
         ({**good, "n": 2}, 400, None),
         ({**good, "stream": "yes"}, 400, None),
@@ -158,6 +160,20 @@ def test_unknown_paths_and_wrong_methods(server):
         sock.sendall(b"\x00\x01garbage\r\n\r\n")
         assert b'"Bad request syntax' in sock.recv(4096)  # no status line: http.server treats it as HTTP/0.9
     assert raw(server, "GET", "/v1/models")[0] == 200
+
+
+def test_errors_keep_a_keep_alive_connection_usable(server):
+    host, port = server.server_address[:2]
+    conn = http.client.HTTPConnection(host, port, timeout=30)
+    good = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    for method, path, body, status in [("POST", "/v1/nothing", good, 404), ("POST", "/v1/chat/completions", "{", 400),
+                                       ("POST", "/v1/models", good, 405), ("POST", "/v1/chat/completions", good, 200),
+                                       ("GET", "/v1/models/tiny", None, 200), ("POST", "/v1/chat/completions", good, 200)]:
+        conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        payload = json.loads(resp.read())
+        assert resp.status == status, (method, path, payload)
+    conn.close()
 
 
 def test_concurrent_clients_get_their_own_answers(client, server):

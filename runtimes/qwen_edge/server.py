@@ -38,6 +38,7 @@ import time
 import uuid
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import unquote
 
 from .chat import ChatTemplate
 from .errors import ContextOverflowError, QwenEdgeError
@@ -141,7 +142,7 @@ def parse_params(body: dict) -> SamplingParams:
             top_k=_integer(body, "top_k", 0),
             min_p=_number(body, "min_p", 0.0),
             repetition_penalty=_number(body, "repetition_penalty", 1.0),
-            seed=_integer(body, "seed", None),
+            seed=_integer(body, "seed", None, 0),
         )
     except QwenEdgeError as e:
         raise RequestError(400, str(e)) from None
@@ -310,8 +311,10 @@ class Handler(BaseHTTPRequestHandler):
         self._route("OPTIONS")
 
     def _route(self, method: str) -> None:
+        self._started = self._body_read = False  # per request: one handler serves a keep-alive connection
+        self._allowed = ""
         try:
-            path = self.path.split("?", 1)[0].rstrip("/")
+            path = unquote(self.path.split("?", 1)[0]).rstrip("/")
             if path == CHAT:
                 self._allow(method, "POST")
                 self._chat()
@@ -335,7 +338,7 @@ class Handler(BaseHTTPRequestHandler):
         except Exception as e:  # the server goes on; the client gets a 500 if nothing was sent yet
             self.close_connection = True
             print(f"qwen-edge serve: error in {method} {self.path}: {e!r}", file=sys.stderr)
-            if not getattr(self, "_started", False):
+            if not self._started:
                 err = RequestError(500, f"internal error: {e}", kind="server_error")
                 try:
                     self._send_json(500, err.body(), close=True)
@@ -351,7 +354,7 @@ class Handler(BaseHTTPRequestHandler):
     # bodies
 
     def _discard_body(self) -> None:
-        if getattr(self, "_body_read", False):
+        if self._body_read:
             return
         length = self.headers.get("Content-Length")
         if length is None and "Transfer-Encoding" not in self.headers:
