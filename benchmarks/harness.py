@@ -119,6 +119,10 @@ def render_table(rows: Mapping[str, Mapping]) -> str:
     return "\n".join(lines)
 
 
+def _num(x: float) -> str:
+    return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.4g}"
+
+
 def render_targets(targets: Sequence[Mapping]) -> str:
     """Markdown list: each target met / missed / not measured, with both numbers and the ratio."""
     lines = []
@@ -127,7 +131,7 @@ def render_targets(targets: Sequence[Mapping]) -> str:
         if t["group"] is None and t["ours"] is not None:
             detail = f"{t['system']} {t['ours']:.3f}"
         elif t["ratio"] is not None:
-            detail = f"{t['system']} {t['ours']:,.4g} vs {t['anchor']} {t['theirs']:,.4g} = {t['ratio']:.2f}x"
+            detail = f"{t['system']} {_num(t['ours'])} vs {t['anchor']} {_num(t['theirs'])} = {t['ratio']:.2f}x"
         else:
             detail = f"needs {t['system']} and a {t['group'] or 'reference'} system in the run"
         lines.append(f"- {t['target']}: {state} ({detail})")
