@@ -116,7 +116,7 @@ def build(recipe: Recipe, *, model: str | None = None, out: Path | None = None, 
             from edge import gptq
 
             tokens = recipe.precision.calibration_tokens or gptq.DEFAULT_TOKENS
-            calibrated = gptq.calibrate(source, plan, staging / ".gptq", tokens=tokens, progress=progress)
+            calibrated = gptq.calibrate(source, plan, staging / ".gptq", tokens=tokens, lm_head=True, progress=progress)
         try:
             export(source, staging, plan, options, progress, quantized=calibrated)
         finally:

@@ -16,7 +16,8 @@ Precision methods:
   grid as ``rtn`` (same size, same kernels) but its rounding errors are compensated from the
   statistics of its inputs on the shipped calibration text (``calibration_tokens`` tokens, default
   4096, capped by the text's length). ``int8_layers`` may keep chosen tensors in int8 as with
-  ``mixed``; without it every linear has ``weights`` bits. Embedding and lm_head use ``rtn``.
+  ``mixed``; without it every linear has ``weights`` bits. lm_head is calibrated too unless it
+  shares the tied embedding's blobs; the embedding uses ``rtn``.
 """
 
 from __future__ import annotations

@@ -127,15 +127,18 @@ def test_lm_head_is_calibrated_unless_it_shares_the_embedding_blobs(tiny_model, 
 
 
 def _gptq_reference(model_dir, tmp_path, precision: dict):
-    """transformers logits with every linear replaced by the calibrated blobs (embedding/lm_head by rtn)."""
+    """transformers logits with every linear and lm_head replaced by the calibrated blobs (embedding by rtn)."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     _dequantize_like_the_graph(model, Precision(**precision))
     source = open_source(str(model_dir), progress=False)
     cfg = QwenConfig.from_hf(model.config.to_dict())
     result = gptq.calibrate(source, weight_plan(Precision(**precision), cfg), tmp_path / "ref-spill",
-                            tokens=precision["calibration_tokens"], progress=False)
+                            tokens=precision["calibration_tokens"], lm_head=True, progress=False)
     params = dict(model.named_parameters())
     with torch.no_grad():
+        head = result("lm_head")
+        if head is not None:  # the build calibrates lm_head when it has its own blobs
+            model.lm_head.weight = torch.nn.Parameter(torch.from_numpy(head.dequantize()))
         for i in range(cfg.num_layers):
             for suffix, parts in gptq.GROUPS.values():
                 deq = torch.from_numpy(result(f"model.layers.{i}.{suffix}").dequantize())
@@ -149,7 +152,8 @@ def _gptq_reference(model_dir, tmp_path, precision: dict):
 @pytest.mark.parametrize("family,tied,precision", [
     ("qwen2", False, dict(weights="int4", method="gptq", block_size=32, lm_head="int8", int8_layers=DEFAULT_INT8_LAYERS)),
     ("qwen3", True, dict(weights="int4", method="gptq", symmetric=True, block_size=32)),
-], ids=["qwen2-mixed", "qwen3-sym"])
+    ("qwen3", True, dict(weights="int4", method="gptq", block_size=32, lm_head="int8")),
+], ids=["qwen2-mixed", "qwen3-sym", "qwen3-tied-head8"])
 def test_gptq_artifact_computes_the_calibrated_model(tiny_model, tmp_path, family, tied, precision):
     precision = {**precision, "calibration_tokens": 1024}
     art = build_tiny(tiny_model, tmp_path, family, tied, accuracy_level=0, **precision)
