@@ -183,6 +183,9 @@ def _grid(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]
     return scale, zero
 
 
+ROW_CHUNK = 16384  # output rows swept at a time (a 150k-row lm_head would otherwise need GBs of temporaries)
+
+
 def gptq(weight: torch.Tensor, h: torch.Tensor, spec: QuantSpec, percdamp: float = PERCDAMP,
          column_block: int = COLUMN_BLOCK, *, overwrite: bool = False) -> BlockQuantized:
     """Quantize an fp32 [N, K] matrix on `spec`'s block grid, minimising ||X W^T - X Q^T|| for H = 2/n X^T X.
@@ -211,7 +214,9 @@ def gptq(weight: torch.Tensor, h: torch.Tensor, spec: QuantSpec, percdamp: float
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # thousands of small ops: extra threads only add synchronisation (6x slower on 2 cores)
     try:
-        _columns(w, hinv, spec, column_block, q, scales, zeros)
+        for r in range(0, n, ROW_CHUNK):  # rows are independent: chunks bound the sweep's temporaries
+            rows = slice(r, r + ROW_CHUNK)
+            _columns(w[rows], hinv, spec, column_block, q[rows], scales[rows], zeros[rows])
     finally:
         torch.set_num_threads(threads)
 
