@@ -136,6 +136,21 @@ def hf_generate(model, ids: list[int], new_tokens: int) -> tuple[float, float, i
     return t1 - t0, t2 - t1, count
 
 
+def hf_run(args, anchor: str, load: Callable[[str, int], object], default_threads: str) -> dict:
+    """One timed `run` of a transformers-style model (`load(model, threads)`), warm-up excluded."""
+    run_argv(args)  # checks the arguments
+    ids = load_ids(args.ids_file, args.prompt_tokens)
+    t0 = time.perf_counter()
+    model = load(args.model, args.threads)
+    load_ms = (time.perf_counter() - t0) * 1000
+    if args.warmup_tokens:
+        hf_generate(model, ids[:32], args.warmup_tokens)
+    clock = CpuClock()
+    clock.start()
+    ttft, decode, count = hf_generate(model, ids, args.new_tokens)
+    return record(anchor, len(ids), ttft, decode, count, load_ms, clock.stop(), args.threads or default_threads)
+
+
 def add_run_args(p, model_help: str, threads: int, threads_help: str) -> None:
     """The run/repeat options every anchor shares."""
     p.add_argument("--model", required=True, help=model_help)

@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
@@ -35,17 +34,7 @@ def _load(path: str, threads: int):
 
 
 def run(args) -> dict:
-    common.run_argv(args)  # checks the arguments
-    ids = common.load_ids(args.ids_file, args.prompt_tokens)
-    t0 = time.perf_counter()
-    model = _load(args.model, args.threads)
-    load_ms = (time.perf_counter() - t0) * 1000
-    if args.warmup_tokens:
-        common.hf_generate(model, ids[:32], args.warmup_tokens)
-    clock = common.CpuClock()
-    clock.start()
-    ttft, decode, count = common.hf_generate(model, ids, args.new_tokens)
-    return common.record(ANCHOR, len(ids), ttft, decode, count, load_ms, clock.stop(), args.threads or "torch-default")
+    return common.hf_run(args, ANCHOR, _load, "torch-default")
 
 
 def reference(args) -> dict:
