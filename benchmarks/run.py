@@ -445,7 +445,7 @@ def write_outputs(result: dict) -> Path:
     stamp = result["date"].replace(":", "").replace("-", "")[:13]
     json_path = RESULTS / f"{stamp}-{result['machine']['host']}.json"
     json_path.write_text(json.dumps(result, indent=1, default=str))
-    md = [f"# Benchmark results\n", f"- date: {result['date']}",
+    md = ["# Benchmark results\n", f"- date: {result['date']}",
           f"- machine: {result['machine']['cpu']}, {result['machine']['cores']} cores, "
           f"{result['machine']['memory_gib']} GiB ({result['machine']['host']}, shared with other jobs)",
           f"- command: `{result['command']}`",
