@@ -24,7 +24,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -35,6 +34,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(HERE / "anchors"))
+import common  # noqa: E402
 import harness  # noqa: E402
 from fixtures import MODELS, ensure_model  # noqa: E402
 
@@ -120,22 +121,9 @@ def make_prompts(tokenizer) -> dict[str, list[int]]:
     prompts = {}
     chat = templated(CHAT_PROMPT)
     prompts[str(len(chat))] = chat
-    code_ids = tokenizer.encode(Path(textwrap.__file__).read_text(encoding="utf-8"), add_special_tokens=False)
-    head = "Explain what this code does:\n```python\n"
     for n in LONG_PROMPTS:
-        lo, hi = 0, len(code_ids)
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if len(templated(head + tokenizer.decode(code_ids[:mid]))) <= n:
-                lo = mid
-            else:
-                hi = mid - 1
-        ids = templated(head + tokenizer.decode(code_ids[:lo]))
-        if len(ids) < n:  # round trips can merge tokens: top up with code ids before the template's tail
-            ids = ids[:-5] + code_ids[lo:lo + n - len(ids)] + ids[-5:]
-        if len(ids) != n:
-            raise BenchError(f"could not make a prompt of exactly {n} tokens (got {len(ids)})")
-        prompts[str(n)] = ids
+        prompts[str(n)] = common.code_prompt(templated, lambda text: tokenizer.encode(text, add_special_tokens=False),
+                                             tokenizer.decode, n)
     return prompts
 
 

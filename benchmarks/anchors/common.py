@@ -151,6 +151,31 @@ def hf_run(args, anchor: str, load: Callable[[str, int], object], default_thread
     return record(anchor, len(ids), ttft, decode, count, load_ms, clock.stop(), args.threads or default_threads)
 
 
+def code_prompt(templated: Callable[[str], list[int]], encode: Callable[[str], list[int]],
+                decode: Callable[[list[int]], str], n: int, tail: int = 5) -> list[int]:
+    """A chat-templated prompt of exactly `n` tokens asking about a fixed code text (the standard
+    library's textwrap source): the longest code prefix that fits, topped up with code ids before the
+    template's last `tail` tokens when decode/encode round trips merge tokens."""
+    import textwrap
+
+    with open(textwrap.__file__, encoding="utf-8") as f:
+        code_ids = list(encode(f.read()))
+    head = "Explain what this code does:\n```python\n"
+    lo, hi = 0, len(code_ids)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if len(templated(head + decode(code_ids[:mid]))) <= n:
+            lo = mid
+        else:
+            hi = mid - 1
+    ids = templated(head + decode(code_ids[:lo]))
+    if len(ids) < n:
+        ids = ids[:-tail] + code_ids[lo:lo + n - len(ids)] + ids[-tail:]
+    if len(ids) != n:
+        fail(f"could not build a prompt of exactly {n} tokens (got {len(ids)})")
+    return ids
+
+
 def add_run_args(p, model_help: str, threads: int, threads_help: str) -> None:
     """The run/repeat options every anchor shares."""
     p.add_argument("--model", required=True, help=model_help)

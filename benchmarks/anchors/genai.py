@@ -85,25 +85,7 @@ def _prompt_ids(tok, prompt: str, prompt_tokens: int | None) -> list[int]:
 
     if prompt_tokens is None:
         return templated(prompt)
-    import textwrap  # its source is a fixed, realistic filler text
-
-    with open(textwrap.__file__, encoding="utf-8") as f:
-        code = f.read()
-    head = "Explain what this code does:\n```python\n"
-    code_ids = list(tok.encode(code))
-    lo, hi = 0, len(code_ids)
-    while lo < hi:  # longest code prefix whose templated prompt fits
-        mid = (lo + hi + 1) // 2
-        if len(templated(head + tok.decode(code_ids[:mid]))) <= prompt_tokens:
-            lo = mid
-        else:
-            hi = mid - 1
-    ids = templated(head + tok.decode(code_ids[:lo]))
-    if len(ids) < prompt_tokens:  # decode/encode round trips can merge tokens: top up from the code
-        ids = ids[:-3] + code_ids[lo:lo + prompt_tokens - len(ids)] + ids[-3:]
-    if len(ids) != prompt_tokens:
-        _fail(f"could not build a prompt of exactly {prompt_tokens} tokens (got {len(ids)})")
-    return ids
+    return common.code_prompt(templated, lambda text: list(tok.encode(text)), tok.decode, prompt_tokens)
 
 
 def _generate(og, model, ids: list[int], new_tokens: int) -> tuple[float, float, int]:
