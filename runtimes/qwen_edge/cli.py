@@ -145,13 +145,38 @@ def cmd_inspect(args) -> int:
     print(f"artifact   {art.root}  (format {m['format']} v{m['format_version']}, files verified: {args.verify})")
     print(f"model      {info.family}, {info.num_layers} layers, {info.num_kv_heads} KV heads x {info.head_dim}, "
           f"vocab {info.vocab_size}, context {info.context_length}, eos {list(info.eos_token_ids)}")
-    for key in ("recipe", "precision", "source", "license", "profile", "fidelity", "build", "tools"):
+    recipe = m.get("recipe") or {}
+    print(f"recipe     {recipe.get('name', 'not recorded')}, context {recipe.get('context_length', '?')}")
+    p = art.profile
+    print(f"profile    {p.get('name', '?')}: {p.get('execution_provider', 'cpu')}, threads "
+          f"{p.get('intra_op_num_threads') or 'all'}, session {_flat(p.get('session_config') or {}) or 'defaults'}")
+    source = m.get("source") or {}
+    print(f"source     {source.get('kind', '?')} {source.get('spec', '?')}  sha256 {str(source.get('sha256', '?'))[:12]}")
+    for key in ("precision", "license", "build", "tools"):
         print(f"{key:<10} {_flat(m[key]) if m.get(key) else 'not recorded'}")
+    print(f"fidelity   {_fidelity(m.get('fidelity'))}")
     total = sum(int(e["size"]) for e in art.files.values())
     print(f"files      {len(art.files)} files, {_size(total)} (+ manifest.json)")
     for name, entry in sorted(art.files.items()):
         print(f"  {name:<28} {_size(int(entry['size'])):>10}  sha256 {entry['sha256'][:12]}")
     return 0
+
+
+def _fidelity(fidelity: dict | None) -> str:
+    """One line per measure set: overall, then each language, then the greedy match."""
+    if not fidelity:
+        return "not checked"
+
+    def line(m: dict) -> str:
+        return (f"top-1 {m['top1_agreement']:.3f}, KL {m['mean_kl']:.4f}, "
+                f"ppl {m['ppl_artifact']:.2f} (fp32 {m['ppl_reference']:.2f})")
+
+    rows = [f"vs fp32: {line(fidelity['overall'])}"]
+    rows += [f"  {lang:<8} {line(m)}" for lang, m in (fidelity.get("languages") or {}).items()]
+    if "greedy" in fidelity:
+        rows.append(f"  greedy: {fidelity['greedy']['match_rate']:.2f} of the first 32 tokens match on "
+                    f"{len(fidelity['greedy']['prompts'])} chat prompts")
+    return "\n           ".join(rows)
 
 
 # -- bench ---------------------------------------------------------------------------------------
