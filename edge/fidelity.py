@@ -47,13 +47,13 @@ def reference_logits(model, token_ids: Sequence[int]) -> np.ndarray:
 
 
 def open_session(artifact_dir: Path | str):
-    """A plain CPU InferenceSession over the artifact's ``model.onnx``."""
-    import onnxruntime as ort
+    """A CPU InferenceSession over the artifact's ``model.onnx`` (the runtime's own session factory)."""
+    from qwen_edge.session import create_session
 
     path = Path(artifact_dir) / "model.onnx"
     if not path.is_file():
         raise FidelityError(f"{path} does not exist; build the artifact first")
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return create_session(path, {"execution_provider": "cpu"})
 
 
 def artifact_logits(artifact, token_ids: Sequence[int], logits_to_keep: int = 0) -> np.ndarray:

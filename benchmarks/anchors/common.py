@@ -176,6 +176,15 @@ def code_prompt(templated: Callable[[str], list[int]], encode: Callable[[str], l
     return ids
 
 
+def add_logits_args(p, model_help: str, threads: int | None = None) -> None:
+    """The `logits` subcommand's arguments: the model, the token ids to score and the npz to write."""
+    p.add_argument("--model", required=True, help=model_help)
+    p.add_argument("--ids", required=True, help="JSON {name: [token ids]}")
+    p.add_argument("--out", required=True, help="npz to write")
+    if threads is not None:
+        p.add_argument("--threads", type=int, default=threads)
+
+
 def add_run_args(p, model_help: str, threads: int, threads_help: str) -> None:
     """The run/repeat options every anchor shares."""
     p.add_argument("--model", required=True, help=model_help)

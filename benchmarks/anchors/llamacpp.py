@@ -81,11 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("run", "repeat"):
         common.add_run_args(sub.add_parser(name), "GGUF file", 2,
                             "n_threads and n_threads_batch (default 2: the machine's cores)")
-    lg = sub.add_parser("logits")
-    lg.add_argument("--model", required=True, help="GGUF file")
-    lg.add_argument("--ids", required=True, help="JSON {name: [token ids]}")
-    lg.add_argument("--out", required=True, help="npz to write")
-    lg.add_argument("--threads", type=int, default=2)
+    common.add_logits_args(sub.add_parser("logits"), "GGUF file", threads=2)
     args = parser.parse_args(argv)
     if args.cmd == "run":
         print(json.dumps(run(args)), flush=True)

@@ -106,11 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("run", "repeat"):
         common.add_run_args(sub.add_parser(name), "Optimum export directory", 0,
                             "ONNX Runtime intra-op threads (0: onnxruntime's default)")
-    lg = sub.add_parser("logits")
-    lg.add_argument("--model", required=True, help="Optimum export directory")
-    lg.add_argument("--ids", required=True, help="JSON {name: [token ids]}")
-    lg.add_argument("--out", required=True, help="npz to write")
-    lg.add_argument("--threads", type=int, default=0)
+    common.add_logits_args(sub.add_parser("logits"), "Optimum export directory", threads=0)
     args = parser.parse_args(argv)
     if args.cmd == "build":
         result = build(args)

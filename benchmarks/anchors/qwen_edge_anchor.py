@@ -19,10 +19,7 @@ import common  # noqa: E402
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
-    lg = sub.add_parser("logits")
-    lg.add_argument("--model", required=True, help="artifact directory written by `qwen-edge build`")
-    lg.add_argument("--ids", required=True, help="JSON {name: [token ids]}")
-    lg.add_argument("--out", required=True, help="npz to write")
+    common.add_logits_args(sub.add_parser("logits"), "artifact directory written by `qwen-edge build`")
     args = parser.parse_args(argv)
     from edge.fidelity import artifact_logits, open_session
     from qwen_edge.errors import QwenEdgeError

@@ -60,7 +60,7 @@ class Generation:
 
     _pieces: Iterator[str] = field(repr=False)
     token_ids: list[int] = field(default_factory=list)
-    text: str = ""
+    pieces: list[str] = field(default_factory=list)  # the text emitted so far, piece by piece
     finish_reason: str | None = None  # "stop", "length" or "max_tokens"
     notice: str | None = None
     stats: GenerationStats = field(default_factory=GenerationStats)
@@ -70,6 +70,11 @@ class Generation:
 
     def __next__(self) -> str:
         return next(self._pieces)
+
+    @property
+    def text(self) -> str:
+        """The text emitted so far."""
+        return "".join(self.pieces)
 
     def read(self) -> str:
         """Run to the end and return the whole text."""
@@ -293,7 +298,7 @@ class Generator:
             stats.new_tokens += 1
             text, hit = stop_text.push("".join(detok.push(t) for t in new))
             if text:
-                gen.text += text
+                gen.pieces.append(text)
                 yield text
             if hit:
                 gen.finish_reason = "stop"
@@ -313,7 +318,7 @@ class Generator:
         stats.decode_s = t_last - t_first
         tail = stop_text.flush()
         if tail:
-            gen.text += tail
+            gen.pieces.append(tail)
             yield tail
 
 
