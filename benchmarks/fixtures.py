@@ -11,20 +11,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from edge.pypi_gguf import assemble
-from edge.sources import SourceError, file_sha256, hf_config_dict, hf_tensor_shapes, open_source
+from edge.sources import SourceError, file_sha256, open_source, write_hf_directory
 from qwen_edge.errors import QwenEdgeError
 
 DEFAULT_CACHE = Path(os.environ.get("QWEN_EDGE_BENCH_CACHE") or Path(__file__).parent / ".cache")
-SHARD_BYTES = 2 << 30
 
 MODELS = {
     "0.5b": {
@@ -80,37 +77,6 @@ def ensure_gguf(name: str, cache: Path = DEFAULT_CACHE, wheels: Path | None = No
     return gguf
 
 
-def _write_shards(src, out_dir: Path, progress: bool) -> None:
-    """Every tensor of the source, fp32, into safetensors shards of at most SHARD_BYTES (+ index)."""
-    from safetensors.numpy import save_file
-    from tqdm.auto import tqdm
-
-    shapes = {n: s for n, s in hf_tensor_shapes(src.config).items() if src.has_tensor(n)}
-    groups, size = [[]], 0
-    for n, s in shapes.items():
-        nbytes = 4 * math.prod(s)
-        if groups[-1] and size + nbytes > SHARD_BYTES:
-            groups.append([])
-            size = 0
-        groups[-1].append(n)
-        size += nbytes
-    weight_map = {}
-    bar = tqdm(total=len(shapes), desc="convert to fp32 safetensors", unit="tensor", disable=not progress)
-    for i, names in enumerate(groups, 1):
-        fname = "model.safetensors" if len(groups) == 1 else f"model-{i:05d}-of-{len(groups):05d}.safetensors"
-        tensors = {}
-        for n in names:
-            tensors[n] = src.tensor(n)
-            bar.update(1)
-        save_file(tensors, str(out_dir / fname), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(names, fname))
-    bar.close()
-    if len(groups) > 1:
-        total = 4 * sum(math.prod(s) for s in shapes.values())
-        (out_dir / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-
-
 def _check_against_transformers(gguf: Path, hf_dir: Path) -> None:
     """Our conversion must equal transformers' own GGUF load on a few tensors."""
     import numpy as np
@@ -125,24 +91,16 @@ def _check_against_transformers(gguf: Path, hf_dir: Path) -> None:
 
 
 def convert_gguf(gguf: Path, out_dir: Path, progress: bool = True) -> Path:
-    """Convert a qwen2/qwen3 GGUF into a HF fp32 directory (written to a temp dir, renamed at the end)."""
+    """Convert a qwen2/qwen3 GGUF into a HF fp32 directory, checked against transformers' own load."""
     src = open_source(str(gguf), progress=False)
     sha = src.fingerprint()["sha256"]
-    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", suffix=".partial", dir=out_dir.parent))
+    write_hf_directory(src, out_dir, progress)
     try:
-        (tmp / "config.json").write_text(json.dumps(hf_config_dict(src.config), indent=2) + "\n")
-        _write_shards(src, tmp, progress)
-        src.write_tokenizer(tmp)
-        _check_against_transformers(gguf, tmp)
-        (tmp / "source.json").write_text(json.dumps({"gguf": gguf.name, "sha256": sha}, indent=2) + "\n")
-        tmp.chmod(0o755)  # mkdtemp makes it private; the files safetensors writes are 0600 too
-        for f in tmp.iterdir():
-            f.chmod(0o644)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _check_against_transformers(gguf, out_dir)
+    except BaseException:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+    (out_dir / "source.json").write_text(json.dumps({"gguf": gguf.name, "sha256": sha}, indent=2) + "\n")
     return out_dir
 
 

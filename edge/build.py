@@ -111,18 +111,15 @@ def build(recipe: Recipe, *, model: str | None = None, out: Path | None = None, 
     try:
         print(f"building {recipe.name}: {source.config.family} {source.config.num_layers} layers, "
               f"{recipe.precision.weights} ({recipe.precision.method}) from {spec}", file=log)
-        calibrated = None
-        if recipe.precision.method == "gptq":
-            from edge import gptq
-
-            tokens = recipe.precision.calibration_tokens or gptq.DEFAULT_TOKENS
-            calibrated = gptq.calibrate(source, plan, staging / ".gptq", tokens=tokens, lm_head=True, progress=progress)
-        try:
-            export(source, staging, plan, options, progress, quantized=calibrated)
-        finally:
-            if calibrated is not None:
-                calibrated.close()
-        write_genai_config(staging, source.config, recipe.context_length, profile)
+        if recipe.backend == "native":
+            _export_native(recipe, source, plan, options, staging, progress)
+            backend_info = None
+            graph_facts = None
+        else:
+            backend_info = _export_with_backend(recipe, profile, source, staging, progress, log)
+            graph_facts = backend_info.pop("graph", None)
+            source.write_tokenizer(staging)
+        write_genai_config(staging, source.config, recipe.context_length, profile, graph=graph_facts)
         license = _write_license(source, staging, log)
         export_seconds = time.perf_counter() - start
         export_peak = peak_rss_mb()
@@ -133,12 +130,50 @@ def build(recipe: Recipe, *, model: str | None = None, out: Path | None = None, 
                  "export_peak_rss_mb": round(export_peak), "peak_rss_mb": round(peak_rss_mb())}
         manifest = write_manifest(staging, recipe=recipe, profile=profile, source_fingerprint=source.fingerprint(),
                                   config=source.config, precision=recipe.precision, fidelity=fidelity,
-                                  build_stats=stats, license=license)
+                                  build_stats=stats, license=license, backend=backend_info)
         _replace_dir(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return BuildResult(out_dir, manifest)
+
+
+def _export_native(recipe: Recipe, source, plan: WeightPlan, options: GraphOptions, staging: Path,
+                   progress: bool) -> None:
+    """qwen-edge's own exporter: GPTQ calibration when the recipe asks for it, then the graph."""
+    calibrated = None
+    if recipe.precision.method == "gptq":
+        from edge import gptq
+
+        tokens = recipe.precision.calibration_tokens or gptq.DEFAULT_TOKENS
+        calibrated = gptq.calibrate(source, plan, staging / ".gptq", tokens=tokens, lm_head=True, progress=progress)
+    try:
+        export(source, staging, plan, options, progress, quantized=calibrated)
+    finally:
+        if calibrated is not None:
+            calibrated.close()
+
+
+def _export_with_backend(recipe: Recipe, profile: Profile, source, staging: Path, progress: bool, log) -> dict:
+    """Hand the export to Olive or Optimum; they read a Hugging Face fp32 directory (written for GGUF
+    sources, then removed). Returns the backend's account: name, versions, steps, graph facts."""
+    from edge.backends import load_backend
+    from edge.sources import write_hf_directory
+
+    backend = load_backend(recipe.backend)
+    model_dir = getattr(source, "path", None)
+    scratch = None
+    if model_dir is None:
+        _status(f"writing an fp32 Hugging Face copy of the model for {recipe.backend}", progress, log)
+        scratch = write_hf_directory(source, staging.with_name(staging.name + ".hf"), progress)
+        model_dir = scratch
+    try:
+        _status(f"exporting with {recipe.backend}", progress, log)
+        info = backend.export(recipe, profile, Path(model_dir), staging, progress)
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return info
 
 
 def _check_fidelity(artifact_dir: Path, source, recipe: Recipe, profile: Profile, progress: bool) -> dict:

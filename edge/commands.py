@@ -29,6 +29,9 @@ def build(args) -> int:
     from edge.build import build as run_build
 
     recipe = load_recipe(args.recipe)
+    if args.dry_run:
+        print(json.dumps(plan(recipe), indent=2))
+        return 0
     result = run_build(recipe, model=args.model, out=Path(args.out) if args.out else None,
                        evaluate=not args.no_eval, progress=not args.quiet)
     stats = result.manifest["build"]
@@ -36,6 +39,19 @@ def build(args) -> int:
           f"peak RSS {stats['export_peak_rss_mb']} MB (export) / {stats['peak_rss_mb']} MB (with eval)", file=sys.stderr)
     print(_fidelity_line(result.manifest["fidelity"]), file=sys.stderr)
     return 0
+
+
+def plan(recipe) -> dict:
+    """What `qwen-edge build` would do for a recipe: the resolved recipe, its profile and the backend's plan."""
+    from edge.backends import load_backend
+    from edge.recipe import recipe_profile
+
+    profile = recipe_profile(recipe)
+    if recipe.backend == "native":
+        backend = {"name": "native", "steps": ["qwen-edge graph export", f"{recipe.precision.method} quantization"]}
+    else:
+        backend = {"name": recipe.backend, **load_backend(recipe.backend).describe(recipe, profile)}
+    return {"recipe": recipe.model_dump(mode="json"), "profile": profile.model_dump(mode="json"), "backend": backend}
 
 
 def evaluate(args) -> int:

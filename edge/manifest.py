@@ -94,11 +94,13 @@ def write_manifest(
     fidelity: Mapping[str, Any] | None,
     build_stats: Mapping[str, Any],
     license: Mapping[str, str] | None = None,
+    backend: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Hash every file in ``out_dir`` and write ``manifest.json``; return the manifest.
 
     ``recipe``, ``profile`` and ``precision`` are the models from ``edge.recipe`` (or plain dicts);
-    ``source_fingerprint`` is ``{spec, kind, sha256}``; ``build_stats`` holds seconds and peak RSS.
+    ``source_fingerprint`` is ``{spec, kind, sha256}``; ``build_stats`` holds seconds and peak RSS;
+    ``backend`` is what exported the graph (``{"name", "versions", "steps"}``; default the native exporter).
     """
     out = Path(out_dir)
     recipe_data = _plain(recipe)
@@ -111,6 +113,7 @@ def write_manifest(
         "model": model_block(config, int(recipe_data["context_length"])),
         "precision": _plain(precision),
         "tools": tool_versions(),
+        "backend": dict(backend) if backend is not None else {"name": "native"},
         "files": file_table(out),
         "license": dict(license) if license is not None else None,
         "fidelity": dict(fidelity) if fidelity is not None else None,

@@ -4,6 +4,10 @@ A recipe names a source model, a device profile, a context length and a precisio
 holds the session options the runtime applies and the fidelity threshold a build must meet. Both are
 pydantic models with unknown keys forbidden, so a typo fails in milliseconds with one clear line.
 
+``backend`` picks the tool that exports the graph: ``native`` (qwen-edge's own exporter, the
+default), ``olive`` (the recipe becomes an Olive workflow) or ``optimum`` (optimum-onnx's exporter);
+every backend's output is normalized into the same artifact (see ``edge.backends``).
+
 Precision methods:
 
 - ``rtn``: round-to-nearest per block; the fast baseline.
@@ -204,6 +208,7 @@ class Recipe(_Strict):
         Annotated[str, Tag("str")] | Annotated[PypiGgufSource, Tag("PypiGguf")],
         Discriminator(lambda v: "str" if isinstance(v, str) else "PypiGguf"),
     ]
+    backend: Literal["native", "olive", "optimum"] = "native"
     profile: str = "cpu-x86_64"
     context_length: int = 4096
     precision: Precision = Precision()

@@ -123,6 +123,60 @@ def hf_config_dict(config: QwenConfig) -> dict:
     }
 
 
+SHARD_BYTES = 2 << 30
+
+
+def write_hf_directory(source: "Source", out_dir: Path, progress: bool = True) -> Path:
+    """Write `source` as a Hugging Face fp32 directory (config.json, safetensors shards of at most
+    2 GiB with an index, tokenizer files) for tools that read only that layout. The files go to a
+    temporary sibling directory renamed to `out_dir` at the end; an existing `out_dir` is replaced."""
+    import math
+    import shutil
+
+    from safetensors.numpy import save_file
+    from tqdm.auto import tqdm
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+    try:
+        (tmp / "config.json").write_text(json.dumps(hf_config_dict(source.config), indent=2) + "\n")
+        shapes = {n: s for n, s in hf_tensor_shapes(source.config).items() if source.has_tensor(n)}
+        groups, size = [[]], 0
+        for n, s in shapes.items():
+            nbytes = 4 * math.prod(s)
+            if groups[-1] and size + nbytes > SHARD_BYTES:
+                groups.append([])
+                size = 0
+            groups[-1].append(n)
+            size += nbytes
+        weight_map = {}
+        bar = tqdm(total=len(shapes), desc="write fp32 safetensors", unit="tensor", disable=not progress)
+        for i, names in enumerate(groups, 1):
+            fname = "model.safetensors" if len(groups) == 1 else f"model-{i:05d}-of-{len(groups):05d}.safetensors"
+            tensors = {}
+            for n in names:
+                tensors[n] = source.tensor(n)
+                bar.update(1)
+            save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(names, fname))
+        bar.close()
+        if len(groups) > 1:
+            total = 4 * sum(math.prod(s) for s in shapes.values())
+            (tmp / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        source.write_tokenizer(tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it private; safetensors writes 0600 files
+        for f in tmp.iterdir():
+            f.chmod(0o644)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
 def _bytes_bar(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 

@@ -154,3 +154,12 @@ def test_build_side_commands_dispatch_to_edge(capsys, monkeypatch):
     assert (seen["eval"].artifact, seen["eval"].reference, seen["eval"].json) == ("art", "ref", True)
     assert cli.main(["profiles"]) == 0
     assert "cpu-x86_64" in capsys.readouterr().out + capsys.readouterr().err
+
+
+def test_build_dry_run_prints_the_plan_and_builds_nothing(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["build", "demo", "--dry-run"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["recipe"]["name"] == "demo" and plan["profile"]["name"] == "cpu-x86_64"
+    assert plan["backend"]["name"] == "native"
+    assert not list(tmp_path.iterdir())

@@ -168,3 +168,11 @@ def test_bad_profile_file(tmp_path):
 
 def test_recipes_dir_is_in_the_repository():
     assert (recipes_dir() / "demo.yaml").is_file()
+
+
+def test_backend_field(tmp_path):
+    assert load_recipe("demo").backend == "native"
+    recipe = load_recipe(write(tmp_path, "name: x\nsource: Qwen/Qwen3-0.6B\nbackend: optimum\n"))
+    assert recipe.backend == "optimum"
+    msg = error_of(write(tmp_path, "name: x\nsource: Qwen/Qwen3-0.6B\nbackend: tensorrt\n"))
+    assert "backend" in msg and "'olive'" in msg and "'optimum'" in msg and "tensorrt" in msg

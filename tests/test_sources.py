@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from edge.config import UnsupportedModelError
-from edge.sources import SourceError, file_sha256, open_source
+from edge.sources import SourceError, file_sha256, open_source, write_hf_directory
 
 VARIANTS = [("qwen2", False), ("qwen2", True), ("qwen3", True), ("qwen3", False)]
 
@@ -233,3 +233,18 @@ def test_real_qwen25_coder_gguf():
     for name in ("model.layers.3.self_attn.k_proj.weight", "model.layers.3.self_attn.k_proj.bias", "lm_head.weight"):
         expected = ref.state_dict()[name].numpy()
         np.testing.assert_array_equal(src.tensor(name), expected, err_msg=name)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_write_hf_directory_round_trips(tiny_gguf, tmp_path, family):
+    gguf = open_source(str(tiny_gguf(family)), progress=False)
+    out = write_hf_directory(gguf, tmp_path / "hf", progress=False)
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
+    hf = open_source(str(out), progress=False)
+    assert hf.config == gguf.config
+    for name in gguf.tensor_names():
+        np.testing.assert_array_equal(hf.tensor(name), gguf.tensor(name))
+    ids = torch.tensor([[1, 5, 9, 2]])
+    with torch.no_grad():
+        np.testing.assert_allclose(hf.reference_model()(ids).logits.numpy(),
+                                   gguf.reference_model()(ids).logits.numpy(), atol=1e-5)

@@ -363,6 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output directory")
     p.add_argument("--no-eval", action="store_true", help="skip the fidelity check")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved recipe, profile and backend plan (an Olive recipe's workflow config) "
+                        "as JSON and build nothing")
     p.set_defaults(func=_edge_command("build"))
 
     p = sub.add_parser("eval", help="measure an artifact's fidelity against the fp32 model (needs qwen-edge[build])")
