@@ -135,8 +135,12 @@ def _session_options(profile) -> dict[str, Any]:
     return options
 
 
-def genai_config(config: QwenConfig, context_length: int, profile) -> dict[str, Any]:
-    """The onnxruntime-genai ``genai_config.json`` content for this artifact."""
+def genai_config(config: QwenConfig, context_length: int, profile, graph: Mapping[str, Any] | None = None
+                 ) -> dict[str, Any]:
+    """The onnxruntime-genai ``genai_config.json`` content for this artifact.
+
+    ``graph`` describes a graph exported by another backend (``edge.backends``); None is the native graph.
+    """
     eos = list(config.eos_token_ids)
     if not eos:
         raise QwenEdgeError("the model config has no eos_token_id; set eos_token_id in the source config")
@@ -190,8 +194,9 @@ def genai_config(config: QwenConfig, context_length: int, profile) -> dict[str, 
     }
 
 
-def write_genai_config(out_dir: Path | str, config: QwenConfig, context_length: int, profile) -> Path:
+def write_genai_config(out_dir: Path | str, config: QwenConfig, context_length: int, profile,
+                       graph: Mapping[str, Any] | None = None) -> Path:
     """Write ``genai_config.json`` into ``out_dir``; return its path."""
     path = Path(out_dir) / GENAI_CONFIG
-    _write_json(path, genai_config(config, context_length, profile))
+    _write_json(path, genai_config(config, context_length, profile, graph))
     return path

@@ -1,7 +1,14 @@
-"""Build an ONNX Runtime InferenceSession from an artifact's device profile."""
+"""Build an ONNX Runtime InferenceSession from an artifact's device profile.
+
+The CPU provider is built into onnxruntime. QNN (Qualcomm NPUs) is a plugin provider shipped by the
+``onnxruntime-qnn`` package: its library is registered once per process and the session is bound to
+the QNN devices it exposes, with CPU fallback disabled so that a graph the NPU cannot run fails to load
+instead of silently running on the CPU.
+"""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import onnxruntime as ort
@@ -47,6 +54,47 @@ def session_options(profile: dict) -> ort.SessionOptions:
     return so
 
 
+QNN_BACKENDS = ("htp", "cpu", "gpu")  # provider option backend_type -> onnxruntime_qnn.get_qnn_<type>_path()
+_qnn_lock = threading.Lock()
+
+
+def qnn_devices() -> list:
+    """The QNN plugin provider's devices, registering its library on first use; RuntimeMissingError without it."""
+    try:
+        import onnxruntime_qnn
+    except ImportError:
+        raise RuntimeMissingError(
+            "the artifact's profile needs QNNExecutionProvider (Qualcomm NPU); pip install onnxruntime-qnn"
+        ) from None
+    name = PROVIDERS["qnn"][0]
+    with _qnn_lock:
+        if not any(d.ep_name == name for d in ort.get_ep_devices()):
+            ort.register_execution_provider_library(name, onnxruntime_qnn.get_library_path())
+    devices = [d for d in ort.get_ep_devices() if d.ep_name == name]
+    if not devices:
+        raise RuntimeMissingError(f"onnxruntime-qnn {onnxruntime_qnn.__version__} exposes no QNN device here; "
+                                  "run on a Snapdragon device or an x86-64/arm64 host with its HTP emulator")
+    return devices
+
+
+def qnn_options(options: dict) -> dict[str, str]:
+    """QNN provider options with ``backend_type`` (htp by default) resolved to the bundled backend library."""
+    import onnxruntime_qnn
+
+    options = {str(k): str(v) for k, v in options.items()}
+    backend = options.pop("backend_type", "htp").lower()
+    if backend not in QNN_BACKENDS:
+        raise ArtifactError(f"profile provider_options backend_type {backend!r} is not one of "
+                            f"{', '.join(QNN_BACKENDS)}; fix the profile and rebuild")
+    if "backend_path" not in options:
+        path = getattr(onnxruntime_qnn, f"get_qnn_{backend}_path")()
+        if not Path(path).is_file():
+            raise RuntimeMissingError(f"onnxruntime-qnn {onnxruntime_qnn.__version__} has no QNN {backend} backend "
+                                      f"({Path(path).name}); use backend_type htp or install a build that ships it")
+        options["backend_path"] = path
+    return options
+
+
 def provider(profile: dict) -> tuple[str, dict]:
     """The provider name and its options for the profile; RuntimeMissingError if it is not installed."""
     ep = str(profile.get("execution_provider", "cpu")).lower()
@@ -55,6 +103,9 @@ def provider(profile: dict) -> tuple[str, dict]:
             f"profile execution_provider {ep!r} is not one of {', '.join(PROVIDERS)}; fix the profile and rebuild"
         )
     name, package = PROVIDERS[ep]
+    if ep == "qnn":
+        qnn_devices()
+        return name, qnn_options(profile.get("provider_options") or {})
     if name not in ort.get_available_providers():
         raise RuntimeMissingError(
             f"the artifact's profile needs {name}, which this onnxruntime does not have; install {package} "
@@ -64,11 +115,21 @@ def provider(profile: dict) -> tuple[str, dict]:
     return name, options
 
 
-def create_session(model_path: str | Path, profile: dict) -> ort.InferenceSession:
-    """An InferenceSession for `model_path` configured by the device profile."""
+def create_session(model_path: str | Path, profile: dict, config: dict | None = None) -> ort.InferenceSession:
+    """An InferenceSession for `model_path` configured by the device profile.
+
+    `config` adds session config entries for this session only (e.g. ``ep.context_enable`` while
+    compiling, ``ep.share_ep_contexts`` for graphs that share one QNN context).
+    """
     name, options = provider(profile)
     so = session_options(profile)
+    for key, value in (config or {}).items():
+        so.add_session_config_entry(str(key), str(value))
     try:
+        if name == PROVIDERS["qnn"][0]:
+            so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+            so.add_provider_for_devices(qnn_devices(), options)
+            return ort.InferenceSession(str(model_path), sess_options=so)
         return ort.InferenceSession(str(model_path), sess_options=so, providers=[(name, options)])
     except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
