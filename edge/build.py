@@ -61,9 +61,9 @@ def weight_plan(precision: Precision, config: QwenConfig) -> WeightPlan:
     )
 
 
-def _status(message: str, progress: bool, log=sys.stderr) -> None:
+def _status(message: str, progress: bool, log=None) -> None:
     if progress:
-        print(f"qwen-edge: {message}...", file=log, flush=True)
+        print(f"qwen-edge: {message}...", file=log or sys.stderr, flush=True)
 
 
 def export(source, out_dir: Path, plan: WeightPlan, options: GraphOptions, progress: bool = True,
@@ -89,8 +89,9 @@ def peak_rss_mb() -> float:
 
 
 def build(recipe: Recipe, *, model: str | None = None, out: Path | None = None, evaluate: bool = True,
-          progress: bool = True, log=sys.stderr) -> BuildResult:
+          progress: bool = True, log=None) -> BuildResult:
     """Build the artifact a recipe describes; the directory appears only when everything succeeded."""
+    log = log or sys.stderr
     from edge.manifest import write_genai_config, write_manifest
     from edge.sources import open_source
 
@@ -111,10 +112,13 @@ def build(recipe: Recipe, *, model: str | None = None, out: Path | None = None, 
     try:
         print(f"building {recipe.name}: {source.config.family} {source.config.num_layers} layers, "
               f"{recipe.precision.weights} ({recipe.precision.method}) from {spec}", file=log)
-        if recipe.backend == "native":
+        static = scorer = None
+        backend_info = graph_facts = None
+        if profile.graph == "static":
+            static = _export_static(recipe, profile, source, staging, progress, log)
+            scorer = static.pop("scorer")
+        elif recipe.backend == "native":
             _export_native(recipe, source, plan, options, staging, progress)
-            backend_info = None
-            graph_facts = None
         else:
             backend_info = _export_with_backend(recipe, profile, source, staging, progress, log)
             graph_facts = backend_info.pop("graph", None)
@@ -125,12 +129,14 @@ def build(recipe: Recipe, *, model: str | None = None, out: Path | None = None, 
         export_peak = peak_rss_mb()
         fidelity = None
         if evaluate and recipe.fidelity.enabled:
-            fidelity = _check_fidelity(staging, source, recipe, profile, progress)
+            fidelity = _check_fidelity(staging, source, recipe, profile, progress, scorer)
+        if static:
+            shutil.rmtree(staging / STATIC_WORK, ignore_errors=True)
         stats = {"seconds": round(time.perf_counter() - start, 1), "export_seconds": round(export_seconds, 1),
                  "export_peak_rss_mb": round(export_peak), "peak_rss_mb": round(peak_rss_mb())}
         manifest = write_manifest(staging, recipe=recipe, profile=profile, source_fingerprint=source.fingerprint(),
                                   config=source.config, precision=recipe.precision, fidelity=fidelity,
-                                  build_stats=stats, license=license, backend=backend_info)
+                                  build_stats=stats, license=license, backend=backend_info, static=static)
         _replace_dir(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -152,6 +158,69 @@ def _export_native(recipe: Recipe, source, plan: WeightPlan, options: GraphOptio
     finally:
         if calibrated is not None:
             calibrated.close()
+
+
+STATIC_WORK = ".static-work"  # fp32 and QDQ graphs while an NPU artifact is built; removed at the end
+
+
+def _export_static(recipe: Recipe, profile: Profile, source, staging: Path, progress: bool, log) -> dict:
+    """NPU artifact: static fp32 graphs → calibration feeds → QDQ → compiled context binaries → the
+    compiled graphs checked on the NPU backend against the QDQ graphs on the CPU.
+
+    Returns the manifest's ``static`` block (with ``npu_check``: NPU vs CPU agreement), plus ``scorer``
+    (the QDQ graphs on the CPU, for the fidelity check against fp32), which the caller pops.
+    """
+    from tokenizers import Tokenizer
+
+    from edge import qnn, static_graph
+    from edge.manifest import model_block
+    from qwen_edge.artifact import Artifact
+    from qwen_edge.static_generator import StaticGenerator
+
+    work = staging / STATIC_WORK
+    fp32, qdq, check = work / "fp32", work / "qdq", work / "unshared"
+    bits = {"int4": 4, "int8": 8}
+    options = qnn.QdqOptions(profile.activation_bits, bits[recipe.precision.weights], bits[recipe.precision.lm_head_bits])
+    info = static_graph.export_static(source, fp32, chunk=profile.chunk, context_length=recipe.context_length,
+                                      progress=progress)
+    source.write_tokenizer(fp32)
+    source.write_tokenizer(staging)
+    manifest = {"model": model_block(source.config, recipe.context_length), "profile": {}, "static": info}
+    _status("capturing calibration inputs of the fp32 graphs", progress, log)
+    tokenizer = Tokenizer.from_file(str(fp32 / "tokenizer.json"))
+    feeds = qnn.capture_feeds(Artifact(fp32, manifest), qnn.calibration_prompts(tokenizer, 2 * profile.chunk))
+    quantized = qnn.quantize(fp32, qdq, feeds, options, progress)
+    shutil.rmtree(fp32)
+    compiled = qnn.compile_context(qdq, staging, profile.provider_options, share=profile.share_weights,
+                                   progress=progress)
+    # The host HTP emulator cannot load a context shared by two graphs: check an unshared compile of the same graphs.
+    target = staging
+    if profile.share_weights:
+        qnn.compile_context(qdq, check, profile.provider_options, share=False, progress=progress)
+        target = check
+    sample = {"prefill": feeds["prefill"][:1], "decode": feeds["decode"][:3]}
+    npu_check = qnn.verify(target, qdq, sample, profile.provider_options, progress)
+    for graph, result in npu_check.items():
+        if result["top1_agreement"] < NPU_MIN_TOP1:
+            raise qnn.QnnError(f"the {graph} graph on the NPU agrees with its CPU run on only "
+                               f"{result['top1_agreement']:.2f} of next tokens; report this with the build log")
+    source.write_tokenizer(qdq)  # the scorer runs the QDQ graphs as an artifact of their own
+    scorer = StaticGenerator(Artifact(qdq, manifest),
+                             session_factory=lambda path, _: _cpu_session(path)).logits
+    return {**info, "files": compiled["files"], "binaries": compiled["binaries"],
+            "share_weights": profile.share_weights, "activation_bits": options.activation_bits,
+            "weight_bits": options.weight_bits, "lm_head_bits": options.lm_head_bits,
+            "compile_seconds": compiled["seconds"], "quantize_seconds": quantized["seconds"],
+            "scorer": scorer, "npu_check": npu_check}
+
+
+NPU_MIN_TOP1 = 0.9  # the compiled graphs must pick the CPU-QDQ run's next token this often
+
+
+def _cpu_session(path):
+    from qwen_edge.session import create_session
+
+    return create_session(path, {"execution_provider": "cpu"})
 
 
 def _export_with_backend(recipe: Recipe, profile: Profile, source, staging: Path, progress: bool, log) -> dict:
@@ -176,7 +245,8 @@ def _export_with_backend(recipe: Recipe, profile: Profile, source, staging: Path
     return info
 
 
-def _check_fidelity(artifact_dir: Path, source, recipe: Recipe, profile: Profile, progress: bool) -> dict:
+def _check_fidelity(artifact_dir: Path, source, recipe: Recipe, profile: Profile, progress: bool,
+                    logits=None) -> dict:
     from transformers import AutoTokenizer
 
     from edge import fidelity
@@ -185,8 +255,8 @@ def _check_fidelity(artifact_dir: Path, source, recipe: Recipe, profile: Profile
     reference = source.reference_model()
     tokenizer = AutoTokenizer.from_pretrained(str(artifact_dir))
     result = fidelity.evaluate(artifact_dir, reference, tokenizer, progress=progress,
-                               max_tokens=recipe.fidelity.max_tokens)
-    result["greedy"] = fidelity.greedy_match(artifact_dir, reference, tokenizer, progress=progress)
+                               max_tokens=recipe.fidelity.max_tokens, logits=logits)
+    result["greedy"] = fidelity.greedy_match(artifact_dir, reference, tokenizer, progress=progress, logits=logits)
     del reference
     fidelity.check_threshold(result, profile)
     return result

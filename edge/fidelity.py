@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -20,6 +20,8 @@ from qwen_edge.errors import QwenEdgeError
 EVAL_DIR = Path(__file__).resolve().parent / "data" / "eval"
 _CHUNK = 32  # positions per float64 block, to bound memory with a 150k vocabulary
 _ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+# token ids -> logits [n, vocab] float32 at every position: how an artifact is scored
+LogitsFn = Callable[[Sequence[int]], np.ndarray]
 
 
 class FidelityError(QwenEdgeError):
@@ -81,6 +83,11 @@ def artifact_logits(artifact, token_ids: Sequence[int], logits_to_keep: int = 0)
             raise FidelityError(f"the artifact's graph has an unexpected input {inp.name!r}; rebuild it")
     logits = session.run(["logits"], feeds)[0]
     return np.asarray(logits[0], dtype=np.float32)
+
+
+def _session_logits(artifact_dir: Path | str) -> LogitsFn:
+    session = open_session(artifact_dir)
+    return lambda ids: artifact_logits(session, ids)
 
 
 def _empty_past(inp) -> np.ndarray:
@@ -152,22 +159,24 @@ def evaluate(
     texts: Mapping[str, str] | None = None,
     progress: bool = True,
     max_tokens: int | None = None,
+    logits: LogitsFn | None = None,
 ) -> dict[str, Any]:
     """Compare the artifact with the reference on each text; per-language and overall (token-weighted).
 
     ``max_tokens`` is the total budget, shared equally between the texts (each is cut to its share).
+    ``logits`` scores the artifact (default: one prefill of ``model.onnx`` on the CPU).
     """
     texts = load_eval_texts() if texts is None else texts
     if not texts:
         raise FidelityError("no evaluation texts given")
     share = max(2, max_tokens // len(texts)) if max_tokens else None
-    session = open_session(artifact_dir)
+    logits = logits or _session_logits(artifact_dir)
     languages, total = {}, None
     for name, text in tqdm(texts.items(), desc="fidelity", disable=not progress):
         ids = _encode(tokenizer, text)[:share]
         if len(ids) < 2:
             raise FidelityError(f"evaluation text {name!r} is shorter than two tokens")
-        s = _sums(reference_logits(reference_model, ids), artifact_logits(session, ids), ids)
+        s = _sums(reference_logits(reference_model, ids), logits(ids), ids)
         languages[name] = _metrics(s)
         total = dict(s) if total is None else {k: total[k] + s[k] for k in s}
     return {"languages": languages, "overall": _metrics(total)}
@@ -185,6 +194,7 @@ def greedy_match(
     prompts: Iterable[Mapping] | None = None,
     n_tokens: int = 32,
     progress: bool = True,
+    logits: LogitsFn | None = None,
 ) -> dict[str, Any]:
     """How many of the reference's first ``n_tokens`` greedy tokens the artifact reproduces, per chat prompt.
 
@@ -196,7 +206,7 @@ def greedy_match(
     import torch
 
     prompts = load_chat_prompts() if prompts is None else list(prompts)
-    session = open_session(artifact_dir)
+    logits = logits or _session_logits(artifact_dir)
     eos = _eos_ids(reference_model)
     per_prompt, matched_total, ref_total = {}, 0, 0
     for i, prompt in enumerate(tqdm(prompts, desc="greedy match", disable=not progress)):
@@ -212,7 +222,7 @@ def greedy_match(
                 pad_token_id=eos[0] if eos else None,
             )
         ref_new = out[0, len(ids) :].tolist()
-        art_next = artifact_logits(session, ids + ref_new[:-1])[len(ids) - 1 :].argmax(-1).tolist() if ref_new else []
+        art_next = logits(ids + ref_new[:-1])[len(ids) - 1 :].argmax(-1).tolist() if ref_new else []
         matched = next((k for k, (a, r) in enumerate(zip(art_next, ref_new)) if a != r), len(ref_new))
         per_prompt[prompt.get("id", str(i))] = {"reference_tokens": len(ref_new), "matched": matched}
         matched_total += matched

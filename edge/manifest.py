@@ -95,12 +95,14 @@ def write_manifest(
     build_stats: Mapping[str, Any],
     license: Mapping[str, str] | None = None,
     backend: Mapping[str, Any] | None = None,
+    static: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Hash every file in ``out_dir`` and write ``manifest.json``; return the manifest.
 
     ``recipe``, ``profile`` and ``precision`` are the models from ``edge.recipe`` (or plain dicts);
     ``source_fingerprint`` is ``{spec, kind, sha256}``; ``build_stats`` holds seconds and peak RSS;
-    ``backend`` is what exported the graph (``{"name", "versions", "steps"}``; default the native exporter).
+    ``backend`` is what exported the graph (``{"name", "versions", "steps"}``; default the native exporter);
+    ``static`` describes an NPU artifact's prefill/decode graphs (``edge.static_graph``, ``edge.qnn``).
     """
     out = Path(out_dir)
     recipe_data = _plain(recipe)
@@ -114,6 +116,7 @@ def write_manifest(
         "precision": _plain(precision),
         "tools": tool_versions(),
         "backend": dict(backend) if backend is not None else {"name": "native"},
+        **({"static": dict(static)} if static is not None else {}),
         "files": file_table(out),
         "license": dict(license) if license is not None else None,
         "fidelity": dict(fidelity) if fidelity is not None else None,
@@ -135,12 +138,24 @@ def _session_options(profile) -> dict[str, Any]:
     return options
 
 
+NATIVE_GRAPH = {"kv_cache": "shared", "position_ids": False}
+
+
 def genai_config(config: QwenConfig, context_length: int, profile, graph: Mapping[str, Any] | None = None
                  ) -> dict[str, Any]:
     """The onnxruntime-genai ``genai_config.json`` content for this artifact.
 
-    ``graph`` describes a graph exported by another backend (``edge.backends``); None is the native graph.
+    ``graph`` describes a graph exported by another backend (``edge.backends``); None is the native graph:
+    ``kv_cache`` "shared" (one past/present buffer of max_length, GroupQueryAttention) or "growing"
+    (present = past + new; ``past_present_share_buffer`` false), and ``position_ids`` (whether the
+    graph takes that input; listed under the decoder's inputs as onnxruntime-genai expects).
     """
+    graph = {**NATIVE_GRAPH, **(graph or {})}
+    if graph["kv_cache"] not in ("shared", "growing"):
+        raise QwenEdgeError(f"graph kv_cache must be 'shared' or 'growing', not {graph['kv_cache']!r}")
+    inputs = {"input_ids": "input_ids", "attention_mask": "attention_mask"}
+    if graph["position_ids"]:
+        inputs["position_ids"] = "position_ids"
     eos = list(config.eos_token_ids)
     if not eos:
         raise QwenEdgeError("the model config has no eos_token_id; set eos_token_id in the source config")
@@ -163,8 +178,7 @@ def genai_config(config: QwenConfig, context_length: int, profile, graph: Mappin
                 "num_hidden_layers": config.num_layers,
                 "num_key_value_heads": config.num_kv_heads,
                 "inputs": {
-                    "input_ids": "input_ids",
-                    "attention_mask": "attention_mask",
+                    **inputs,
                     "past_key_names": "past_key_values.%d.key",
                     "past_value_names": "past_key_values.%d.value",
                 },
@@ -185,7 +199,7 @@ def genai_config(config: QwenConfig, context_length: int, profile, graph: Mappin
             "no_repeat_ngram_size": 0,
             "num_beams": 1,
             "num_return_sequences": 1,
-            "past_present_share_buffer": True,
+            "past_present_share_buffer": graph["kv_cache"] == "shared",
             "repetition_penalty": 1.0,
             "temperature": 1.0,
             "top_k": 1,
@@ -196,7 +210,7 @@ def genai_config(config: QwenConfig, context_length: int, profile, graph: Mappin
 
 def write_genai_config(out_dir: Path | str, config: QwenConfig, context_length: int, profile,
                        graph: Mapping[str, Any] | None = None) -> Path:
-    """Write ``genai_config.json`` into ``out_dir``; return its path."""
+    """Write ``genai_config.json`` into ``out_dir`` (``graph``: see `genai_config`); return its path."""
     path = Path(out_dir) / GENAI_CONFIG
     _write_json(path, genai_config(config, context_length, profile, graph))
     return path

@@ -128,8 +128,16 @@ class Profile(_Strict):
 
     name: str
     description: str
-    execution_provider: Literal["cpu"] = "cpu"
+    execution_provider: Literal["cpu", "qnn"] = "cpu"
     provider_options: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    # "static": an NPU's two fixed-shape graphs (edge.static_graph), `chunk` tokens per prefill run,
+    # QDQ-quantized with `activation_bits` activations and compiled ahead of time (edge.qnn).
+    graph: Literal["dynamic", "static"] = "dynamic"
+    chunk: Literal[16, 32, 64, 128, 256] | None = None
+    activation_bits: Literal[8, 16] | None = None
+    # Both static graphs in one context binary holding the weights once (what devices load); the x86-64
+    # HTP emulator cannot load such a binary, so a build to run there sets it false.
+    share_weights: bool = True
     intra_op_num_threads: Annotated[int, Field(ge=0)] = 0
     accuracy_level: Annotated[int, Field(ge=0, le=4)] = 4
     default_precision: Precision = Precision()
@@ -139,15 +147,25 @@ class Profile(_Strict):
     session_config: dict[str, str] = Field(default_factory=dict)  # onnxruntime session config entries
 
     @model_validator(mode="after")
-    def _cpu_takes_no_options(self) -> "Profile":
+    def _consistent(self) -> "Profile":
         if self.execution_provider == "cpu" and self.provider_options:
             raise ValueError("the cpu execution provider takes no provider_options; remove them")
+        static = self.graph == "static"
+        if (self.execution_provider == "qnn") != static:
+            raise ValueError("the qnn execution provider runs static graphs only: use graph: static with "
+                             "execution_provider: qnn (and graph: dynamic elsewhere)")
+        if static and (self.chunk is None or self.activation_bits is None):
+            raise ValueError("graph: static needs chunk (tokens per prefill run) and activation_bits (8 or 16)")
+        if not static and (self.chunk is not None or self.activation_bits is not None):
+            raise ValueError("chunk and activation_bits apply to graph: static only; remove them")
+        if static and (self.default_precision.weights not in ("int4", "int8") or self.default_precision.method != "rtn"):
+            raise ValueError("static (NPU) graphs take int4 or int8 weights with method rtn in default_precision")
         return self
 
     @property
     def ort_provider(self) -> str:
         """The onnxruntime provider name for ``execution_provider``."""
-        return {"cpu": "CPUExecutionProvider"}[self.execution_provider]
+        return {"cpu": "CPUExecutionProvider", "qnn": "QNNExecutionProvider"}[self.execution_provider]
 
     @property
     def ort_graph_optimization_level(self) -> str:
@@ -167,6 +185,8 @@ class ProfileOverrides(_Strict):
     accuracy_level: Annotated[int, Field(ge=0, le=4)] | None = None
     memory_budget_mb: Annotated[int, Field(gt=0)] | None = None
     fidelity_threshold: FidelityThreshold | None = None
+    chunk: Literal[16, 32, 64, 128, 256] | None = None
+    share_weights: bool | None = None
 
 
 class PypiGgufSource(_Strict):
@@ -333,7 +353,26 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     if "method" in explicit and "int8_layers" not in explicit and merged["method"] != "mixed":
         merged["int8_layers"] = None
     precision = _validate(Precision, merged, path, prefix=("precision",))
-    return recipe.model_copy(update={"precision": precision})
+    recipe = recipe.model_copy(update={"precision": precision})
+    problem = _static_problem(recipe, recipe_profile(recipe))
+    if problem:
+        raise RecipeError(f"{path}: {problem}")
+    return recipe
+
+
+def _static_problem(recipe: Recipe, profile: Profile) -> str | None:
+    """What a recipe asks that static (NPU) graphs cannot do, or None."""
+    if profile.graph != "static":
+        return None
+    p = recipe.precision
+    if recipe.backend != "native":
+        return f"profile {profile.name!r} builds static NPU graphs with the native backend only; remove backend"
+    if p.weights not in ("int4", "int8") or p.lm_head_bits not in ("int4", "int8") or p.method != "rtn":
+        return (f"profile {profile.name!r} quantizes weights per channel for the NPU: use precision weights and "
+                "lm_head int4 or int8 with method rtn")
+    if recipe.context_length % profile.chunk:
+        return f"context_length {recipe.context_length} is not a multiple of the profile's chunk {profile.chunk}"
+    return None
 
 
 def recipe_profile(recipe: Recipe) -> Profile:

@@ -1,5 +1,7 @@
 """Session options and execution provider from the device profile."""
 
+import sys
+
 import onnxruntime as ort
 import pytest
 
@@ -27,10 +29,12 @@ def test_cpu_provider():
     assert provider({"execution_provider": "cpu"}) == ("CPUExecutionProvider", {})
 
 
-def test_missing_provider_names_the_package_to_install():
-    if "QNNExecutionProvider" in ort.get_available_providers():
-        pytest.skip("this onnxruntime has QNN")
-    with pytest.raises(RuntimeMissingError, match="needs QNNExecutionProvider.*install onnxruntime-qnn"):
+def test_missing_provider_names_the_package_to_install(monkeypatch):
+    if "DmlExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(RuntimeMissingError, match="needs DmlExecutionProvider.*install onnxruntime-directml"):
+            provider({"execution_provider": "dml"})
+    monkeypatch.setitem(sys.modules, "onnxruntime_qnn", None)  # as if onnxruntime-qnn were not installed
+    with pytest.raises(RuntimeMissingError, match="needs QNNExecutionProvider.*pip install onnxruntime-qnn"):
         provider({"execution_provider": "qnn", "provider_options": {"backend_path": "x"}})
 
 

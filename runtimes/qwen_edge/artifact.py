@@ -126,7 +126,9 @@ class Artifact:
         files = self.files
         if not isinstance(files, dict):
             raise ArtifactError(f"{self.root / MANIFEST}: `files` is not a mapping; rebuild the artifact")
-        for name in REQUIRED_FILES:
+        static = self.manifest.get("static")
+        graphs = (static.get("prefill", "prefill.onnx"), static.get("decode", "decode.onnx")) if static else (MODEL_FILE,)
+        for name in (*graphs, *REQUIRED_FILES[1:]):
             if name not in files:
                 raise ArtifactError(f"{self.root / MANIFEST} does not list {name}; rebuild the artifact")
         for name, entry in files.items():

@@ -17,6 +17,7 @@ from .chat import ChatSession
 from .errors import QwenEdgeError
 from .generator import Generation, Generator
 from .sampling import SamplingParams
+from .static_generator import open_generator
 
 BUILD_HINT = "pip install 'qwen-edge[build]'"
 
@@ -25,7 +26,7 @@ BUILD_HINT = "pip install 'qwen-edge[build]'"
 
 
 def _open(args) -> Generator:
-    return Generator(Artifact.open(args.artifact, verify=args.verify), max_length=args.max_length)
+    return open_generator(Artifact.open(args.artifact, verify=args.verify), max_length=args.max_length)
 
 
 def _params(args) -> SamplingParams:
@@ -204,7 +205,7 @@ def cmd_bench(args) -> int:
         raise QwenEdgeError(
             f"-p {args.p} + -n {args.n} exceed the context of {max_length} tokens; lower -p/-n or raise --max-length"
         )
-    gen = Generator(art, max_length=max_length)
+    gen = open_generator(art, max_length=max_length)
     vocab = gen.tokenizer.get_vocab_size(with_added_tokens=False)
     prompt = np.random.default_rng(0).integers(0, vocab, size=args.p, dtype=np.int64)
     greedy = SamplingParams()

@@ -122,12 +122,14 @@ def create_session(model_path: str | Path, profile: dict, config: dict | None = 
     compiling, ``ep.share_ep_contexts`` for graphs that share one QNN context).
     """
     name, options = provider(profile)
+    qnn = name == PROVIDERS["qnn"][0]
     so = session_options(profile)
-    for key, value in (config or {}).items():
+    # A graph the NPU cannot run whole fails to load rather than running partly on the CPU.
+    config = {"session.disable_cpu_ep_fallback": "1", **(config or {})} if qnn else (config or {})
+    for key, value in config.items():
         so.add_session_config_entry(str(key), str(value))
     try:
-        if name == PROVIDERS["qnn"][0]:
-            so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+        if qnn:
             so.add_provider_for_devices(qnn_devices(), options)
             return ort.InferenceSession(str(model_path), sess_options=so)
         return ort.InferenceSession(str(model_path), sess_options=so, providers=[(name, options)])
