@@ -102,8 +102,6 @@ def build(recipe: Recipe, *, model: str | None = None, out: Path | None = None, 
     _status(f"opening {spec}", progress, log)
     source = open_source(spec, progress=progress)
     recipe.check_context_length(source.config.max_position_embeddings)
-    plan = weight_plan(recipe.precision, source.config)
-    options = GraphOptions(context_length=recipe.context_length, accuracy_level=profile.accuracy_level)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
@@ -117,8 +115,9 @@ def build(recipe: Recipe, *, model: str | None = None, out: Path | None = None, 
         if profile.graph == "static":
             static = _export_static(recipe, profile, source, staging, progress, log)
             scorer = static.pop("scorer")
+            graph_facts = {"kv_cache": "static", "static": static}
         elif recipe.backend == "native":
-            _export_native(recipe, source, plan, options, staging, progress)
+            _export_native(recipe, profile, source, staging, progress)
         else:
             backend_info = _export_with_backend(recipe, profile, source, staging, progress, log)
             graph_facts = backend_info.pop("graph", None)
@@ -144,9 +143,10 @@ def build(recipe: Recipe, *, model: str | None = None, out: Path | None = None, 
     return BuildResult(out_dir, manifest)
 
 
-def _export_native(recipe: Recipe, source, plan: WeightPlan, options: GraphOptions, staging: Path,
-                   progress: bool) -> None:
+def _export_native(recipe: Recipe, profile: Profile, source, staging: Path, progress: bool) -> None:
     """qwen-edge's own exporter: GPTQ calibration when the recipe asks for it, then the graph."""
+    plan = weight_plan(recipe.precision, source.config)
+    options = GraphOptions(context_length=recipe.context_length, accuracy_level=profile.accuracy_level)
     calibrated = None
     if recipe.precision.method == "gptq":
         from edge import gptq

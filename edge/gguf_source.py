@@ -151,6 +151,9 @@ class GGUFSource(Source):
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(self.path.parent, gguf_file=self.path.name)
+        eos = tok.convert_ids_to_tokens(self.config.eos_token_ids[0]) if self.config.eos_token_ids else None
+        if eos is not None and tok.eos_token != eos:  # transformers <4.58 takes <|endoftext|> from the GGUF
+            tok.eos_token = eos
         save_tokenizer(tok, out_dir, self.config, None)
 
     def reference_model(self):

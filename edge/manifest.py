@@ -148,11 +148,12 @@ def genai_config(config: QwenConfig, context_length: int, profile, graph: Mappin
     ``graph`` describes a graph exported by another backend (``edge.backends``); None is the native graph:
     ``kv_cache`` "shared" (one past/present buffer of max_length, GroupQueryAttention) or "growing"
     (present = past + new; ``past_present_share_buffer`` false), and ``position_ids`` (whether the
-    graph takes that input; listed under the decoder's inputs as onnxruntime-genai expects).
+    graph takes that input; listed under the decoder's inputs as onnxruntime-genai expects); "static"
+    for an NPU artifact, whose ``static`` entry (edge.static_graph) becomes a prefill/decode pipeline.
     """
     graph = {**NATIVE_GRAPH, **(graph or {})}
-    if graph["kv_cache"] not in ("shared", "growing"):
-        raise QwenEdgeError(f"graph kv_cache must be 'shared' or 'growing', not {graph['kv_cache']!r}")
+    if graph["kv_cache"] not in ("shared", "growing", "static"):
+        raise QwenEdgeError(f"graph kv_cache must be 'shared', 'growing' or 'static', not {graph['kv_cache']!r}")
     inputs = {"input_ids": "input_ids", "attention_mask": "attention_mask"}
     if graph["position_ids"]:
         inputs["position_ids"] = "position_ids"
@@ -161,6 +162,29 @@ def genai_config(config: QwenConfig, context_length: int, profile, graph: Mappin
         raise QwenEdgeError("the model config has no eos_token_id; set eos_token_id in the source config")
     pad = config.pad_token_id if config.pad_token_id is not None else eos[0]
     bos = config.bos_token_id if config.bos_token_id is not None else eos[0]
+    decoder = {
+        "session_options": _session_options(profile),
+        "filename": "model.onnx",
+        "head_size": config.head_dim,
+        "hidden_size": config.hidden_size,
+        "num_attention_heads": config.num_heads,
+        "num_hidden_layers": config.num_layers,
+        "num_key_value_heads": config.num_kv_heads,
+        "inputs": {
+            **inputs,
+            "past_key_names": "past_key_values.%d.key",
+            "past_value_names": "past_key_values.%d.value",
+        },
+        "outputs": {
+            "logits": "logits",
+            "present_key_names": "present.%d.key",
+            "present_value_names": "present.%d.value",
+        },
+    }
+    if graph["kv_cache"] == "static":  # two graphs instead of model.onnx
+        for key in ("filename", "inputs", "outputs"):
+            del decoder[key]
+        decoder.update(_static_pipeline(graph["static"]))
     return {
         "model": {
             "type": config.family,
@@ -169,25 +193,7 @@ def genai_config(config: QwenConfig, context_length: int, profile, graph: Mappin
             "pad_token_id": pad,
             "context_length": context_length,
             "vocab_size": config.vocab_size,
-            "decoder": {
-                "session_options": _session_options(profile),
-                "filename": "model.onnx",
-                "head_size": config.head_dim,
-                "hidden_size": config.hidden_size,
-                "num_attention_heads": config.num_heads,
-                "num_hidden_layers": config.num_layers,
-                "num_key_value_heads": config.num_kv_heads,
-                "inputs": {
-                    **inputs,
-                    "past_key_names": "past_key_values.%d.key",
-                    "past_value_names": "past_key_values.%d.value",
-                },
-                "outputs": {
-                    "logits": "logits",
-                    "present_key_names": "present.%d.key",
-                    "present_value_names": "present.%d.value",
-                },
-            },
+            "decoder": decoder,
         },
         "search": {
             "diversity_penalty": 0.0,
@@ -206,6 +212,18 @@ def genai_config(config: QwenConfig, context_length: int, profile, graph: Mappin
             "top_p": 1.0,
         },
     }
+
+
+def _static_pipeline(static: Mapping[str, Any]) -> dict[str, Any]:
+    """An NPU artifact's decoder: the prefill and decode graphs (edge.static_graph) as a two-stage
+    pipeline, the prefill graph over the prompt and the decode graph per generated token; the client
+    keeps the KV cache (``past_key_{i}``/``past_value_{i}`` in, this run's ``present_*`` out)."""
+    def stage(name: str, prompt: bool) -> dict[str, Any]:
+        return {name: {"filename": static[name], "inputs": list(static["inputs"]), "outputs": list(static["outputs"]),
+                       "run_on_prompt": prompt, "run_on_token_gen": not prompt}}
+
+    return {"pipeline": [stage("prefill", True), stage("decode", False)],
+            "static": {k: static[k] for k in ("chunk", "context_length", "mask_value", "key_layout", "value_layout")}}
 
 
 def write_genai_config(out_dir: Path | str, config: QwenConfig, context_length: int, profile,

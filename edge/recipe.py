@@ -16,6 +16,8 @@ Precision methods:
 - ``mixed``: int4 for most weights, int8 for the tensors matched by ``int8_layers`` (the most
   sensitive ones; by default every layer's ``v_proj`` and ``down_proj``). With int8 or float
   weights it changes nothing.
+- ``dynamic``: Optimum's int8 dynamic preset (``backend: optimum`` and int8 weights only):
+  per-channel int8 weights, activations quantized per tensor at run time.
 - ``gptq``: calibrated rounding (``edge.gptq``): each decoder linear is quantized on the same block
   grid as ``rtn`` (same size, same kernels) but its rounding errors are compensated from the
   statistics of its inputs on the shipped calibration text (``calibration_tokens`` tokens, default
@@ -74,7 +76,7 @@ class Precision(_Strict):
     weights: Bits = "int4"
     block_size: Literal[16, 32, 64, 128] = 32
     symmetric: bool = False
-    method: Literal["rtn", "hqq", "kquant", "mixed", "gptq"] = "rtn"
+    method: Literal["rtn", "hqq", "kquant", "mixed", "gptq", "dynamic"] = "rtn"
     embedding: TableBits = "same"
     lm_head: TableBits = "same"
     int8_layers: tuple[str, ...] | None = None
@@ -354,6 +356,8 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
         merged["int8_layers"] = None
     precision = _validate(Precision, merged, path, prefix=("precision",))
     recipe = recipe.model_copy(update={"precision": precision})
+    if precision.method == "dynamic" and recipe.backend != "optimum":
+        raise RecipeError(f"{path}: precision method 'dynamic' is Optimum's int8 preset; use it with backend: optimum")
     problem = _static_problem(recipe, recipe_profile(recipe))
     if problem:
         raise RecipeError(f"{path}: {problem}")

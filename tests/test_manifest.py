@@ -39,8 +39,9 @@ def test_manifest_lists_every_file_with_its_hash(tmp_path):
     for name, entry in on_disk["files"].items():
         data = (tmp_path / name).read_bytes()
         assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    keys = {"format", "format_version", "recipe", "profile", "source", "model", "precision", "tools", "files", "fidelity", "build", "license"}
-    assert set(on_disk) == keys
+    keys = {"format", "format_version", "recipe", "profile", "source", "model", "precision", "tools", "files", "fidelity", "build", "license",
+            "backend"}
+    assert set(on_disk) == keys and on_disk["backend"] == {"name": "native"}
     assert on_disk["model"]["context_length"] == 4096 and on_disk["model"]["num_kv_heads"] == 2
     assert on_disk["profile"]["accuracy_level"] == 4
     assert on_disk["precision"]["weights"] == "int4"

@@ -168,13 +168,13 @@ def test_max_length_bounds(artifact):
 
 def test_cache_is_allocated_once_and_shared_by_past_and_present(artifact):
     g = Generator(artifact, max_length=64)
-    buffers = [buf for buf, _ in g._cache]
+    buffers = [buf for buf, _ in g._kv.buffers]
     pointers = [buf.ctypes.data for buf in buffers]
     info = artifact.model
     assert all(b.shape == (1, info.num_kv_heads, 64, info.head_dim) for b in buffers)
     ids = g.encode(PROMPT)[:20]
     g.generate(ids, SamplingParams(), 10, stop_token_ids=()).read()
-    assert [buf.ctypes.data for buf, _ in g._cache] == pointers
+    assert [buf.ctypes.data for buf, _ in g._kv.buffers] == pointers
     # the graph wrote keys/values in place up to the cache position and nowhere after it
     assert all(np.abs(b[:, :, : g.position]).sum() > 0 for b in buffers)
     assert all(not b[:, :, g.position :].any() for b in buffers)

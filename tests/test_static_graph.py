@@ -19,6 +19,10 @@ CHUNK, CONTEXT = 8, 48
 IDS = np.random.default_rng(11).integers(0, 590, 30).tolist()
 FAMILIES = [("qwen2", False), ("qwen3", True)]
 
+# RMSNorm is LpNormalization without eps (see edge.static_graph): on these tiny models, whose hidden
+# states have a mean square near 0.01, leaving eps = 1e-6 out moves logits by about 1e-4.
+ATOL = 5e-4
+
 
 @pytest.fixture(scope="module", params=FAMILIES, ids=lambda f: f"{f[0]}-{'tied' if f[1] else 'untied'}")
 def static(request, tiny_model, tmp_path_factory):
@@ -75,7 +79,7 @@ def test_prefill_graph_matches_transformers(static, length):
     m = artifact.model
     sess = cpu_session(artifact.path("prefill.onnx"))
     got = run_prefill_graph(sess, IDS[:length], m.num_layers, m.num_kv_heads, m.head_dim)
-    np.testing.assert_allclose(got, hf_logits(reference, IDS[:length]), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(got, hf_logits(reference, IDS[:length]), atol=ATOL, rtol=0)
 
 
 def test_decode_steps_match_transformers_cache(static):
@@ -91,7 +95,7 @@ def test_decode_steps_match_transformers_cache(static):
             cache = out.past_key_values
     got = [gen.append(prompt).copy()] + [gen.append([t]).copy() for t in steps]
     assert gen.position == 25
-    np.testing.assert_allclose(np.stack(got), np.stack(expected), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(np.stack(got), np.stack(expected), atol=ATOL, rtol=0)
 
 
 def test_greedy_generation_equals_transformers_and_reuses_the_prefix(static):

@@ -1,10 +1,16 @@
-"""The KV-cached generation loop: IO binding, shared past/present buffers, chunked prefill.
+"""The KV-cached generation loop: IO binding, shared or growing past/present, chunked prefill.
 
-The cache is allocated once per Generator as one `[1, num_kv_heads, max_length, head_dim]` buffer per
-layer and key/value; the same OrtValue is bound as `past_key_values.{i}.*` and `present.{i}.*`, so the
-graph writes new keys/values in place and nothing is copied per token. The number of valid cache
-positions is just the length of the `attention_mask` fed with each step, so rolling the cache back
-(`truncate`) only moves that length.
+Two graph layouts, told apart by the artifact's genai_config.json (`search.past_present_share_buffer`,
+and `position_ids` among `model.decoder.inputs`):
+
+- shared buffer (qwen-edge's own graph): the cache is allocated once per Generator as one
+  `[1, num_kv_heads, max_length, head_dim]` buffer per layer and key/value; the same OrtValue is bound
+  as `past_key_values.{i}.*` and `present.{i}.*`, so the graph writes new keys/values in place and
+  nothing is copied per token. The number of valid cache positions is just the length of the
+  `attention_mask` fed with each step, so rolling the cache back (`truncate`) only moves that length.
+- growing (plain-op graphs such as an Optimum export): `present.{i}.*` is past + new, allocated by
+  onnxruntime; those OrtValues are bound as the next step's `past_key_values.{i}.*` without a copy.
+  Rolling back slices the past once, at the next step. Such graphs also take `position_ids`.
 
 Context policy: a prompt must leave room for at least one generated token (prompt tokens <
 max_length) or `generate` raises ContextOverflowError with the numbers and what to do. A prompt that
@@ -15,6 +21,7 @@ is full and then stops with finish_reason "length" and a notice. Otherwise gener
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Sequence
@@ -30,6 +37,7 @@ from .sampling import Sampler, SamplingParams
 from .session import create_session
 
 DEFAULT_PREFILL_CHUNK = 512
+GENAI_CONFIG = "genai_config.json"
 _DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
@@ -109,6 +117,70 @@ class _StopFilter:
         return held
 
 
+def graph_layout(artifact: Artifact) -> tuple[bool, bool]:
+    """(past_present_share_buffer, takes position_ids) as the artifact's genai_config.json states them;
+    an artifact without that file has qwen-edge's own layout (shared buffer, no position_ids)."""
+    path = artifact.path(GENAI_CONFIG)
+    if not path.is_file():
+        return True, False
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+        shared = config.get("search", {}).get("past_present_share_buffer", True)
+        inputs = config["model"]["decoder"].get("inputs", {})
+    except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:
+        raise ArtifactError(f"{path} is unreadable or malformed ({e}); rebuild the artifact") from None
+    if not isinstance(shared, bool) or not isinstance(inputs, dict):
+        raise ArtifactError(f"{path}: past_present_share_buffer or decoder inputs is malformed; rebuild the artifact")
+    return shared, "position_ids" in inputs
+
+
+class _SharedKV:
+    """One `[1, kv_heads, max_length, head_dim]` buffer per past tensor, bound as its past input and its
+    present output once: the graph writes each step's keys/values in place."""
+
+    def __init__(self, binding, names: dict[str, str], shape: tuple[int, ...], dtype):
+        self.buffers = []  # numpy memory backing the bound OrtValues (allocated once, lazily paged)
+        for past, present in names.items():
+            buf = np.zeros(shape, dtype=dtype)
+            value = ort.OrtValue.ortvalue_from_numpy(buf)
+            binding.bind_ortvalue_input(past, value)
+            binding.bind_ortvalue_output(present, value)
+            self.buffers.append((buf, value))
+
+    def before(self, pos: int) -> None:
+        """Nothing to rebind: the attention mask alone says how many positions are valid."""
+
+    def after(self, outputs: list, total: int) -> None:
+        """The graph already wrote into the shared buffers."""
+
+
+class _GrowingKV:
+    """`present` = past + new, allocated by onnxruntime each step and bound as the next step's past."""
+
+    def __init__(self, binding, names: dict[str, str], shape: tuple[int, ...], dtype):
+        self._binding, self._names = binding, names
+        empty = ort.OrtValue.ortvalue_from_numpy(np.zeros((*shape[:2], 0, shape[3]), dtype=dtype))
+        self._values = [empty] * len(names)
+        self._length = 0
+        for present in names.values():  # bound after logits: outputs come back in binding order
+            binding.bind_output(present, "cpu")
+
+    def before(self, pos: int) -> None:
+        """Bind the past (cut to its first `pos` positions if the cache was rolled back) and fresh presents."""
+        if pos != self._length:
+            self._values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v.numpy()[:, :, :pos]))
+                            for v in self._values]
+            self._length = pos
+        for (past, present), value in zip(self._names.items(), self._values):
+            self._binding.bind_ortvalue_input(past, value)
+            self._binding.bind_output(present, "cpu")
+
+    def after(self, outputs: list, total: int) -> None:
+        """Keep this step's presents (the last bound outputs) as the next past."""
+        self._values = outputs[len(outputs) - len(self._names):]
+        self._length = total
+
+
 class Generator:
     """Runs an artifact's model with a persistent KV cache.
 
@@ -138,15 +210,20 @@ class Generator:
     def _bind(self, info) -> None:
         inputs = {i.name: i for i in self.session.get_inputs()}
         outputs = {o.name for o in self.session.get_outputs()}
+        shared, self.has_position_ids = graph_layout(self.artifact)
         kv = [f"past_key_values.{i}.{k}" for i in range(info.num_layers) for k in ("key", "value")]
         present = {name: name.replace("past_key_values", "present") for name in kv}
-        missing = [n for n in ("input_ids", "attention_mask", *kv) if n not in inputs]
+        needed = ("input_ids", "attention_mask", *(("position_ids",) if self.has_position_ids else ()), *kv)
+        missing = [n for n in needed if n not in inputs]
         missing += [n for n in ("logits", *present.values()) if n not in outputs]
         if missing:
             raise ArtifactError(
                 f"{self.artifact.model_path} lacks the graph inputs/outputs {', '.join(missing[:4])} that the manifest's "
-                f"{info.num_layers} layers imply; rebuild the artifact"
+                f"{info.num_layers} layers and {GENAI_CONFIG} imply; rebuild the artifact"
             )
+        if "position_ids" in inputs and not self.has_position_ids:
+            raise ArtifactError(f"{self.artifact.model_path} takes position_ids but {GENAI_CONFIG} does not list them; "
+                                "rebuild the artifact")
         dtype = _DTYPES.get(inputs[kv[0]].type)
         if dtype is None:
             raise ArtifactError(f"KV cache type {inputs[kv[0]].type} is not supported; rebuild the artifact")
@@ -163,13 +240,8 @@ class Generator:
         else:
             b.bind_output("logits", "cpu")  # bound first: outputs come back in binding order
         shape = (1, info.num_kv_heads, self.max_length, info.head_dim)
-        self._cache = []  # numpy buffers backing the bound OrtValues (allocated once, lazily paged)
-        for name in kv:
-            buf = np.zeros(shape, dtype=dtype)
-            value = ort.OrtValue.ortvalue_from_numpy(buf)
-            b.bind_ortvalue_input(name, value)
-            b.bind_ortvalue_output(present[name], value)
-            self._cache.append((buf, value))
+        self._kv = (_SharedKV if shared else _GrowingKV)(b, present, shape, dtype)
+        self._positions = np.arange(self.max_length, dtype=np.int64) if self.has_position_ids else None
 
     # -- cache state ---------------------------------------------------------------------------
 
@@ -215,14 +287,19 @@ class Generator:
         b = self._binding
         b.bind_cpu_input("input_ids", ids.reshape(1, n))
         b.bind_cpu_input("attention_mask", self._ones[:total].reshape(1, total))
+        if self._positions is not None:
+            b.bind_cpu_input("position_ids", self._positions[self._pos : total].reshape(1, n))
         if not self.has_logits_to_keep:  # [1, n, vocab] changes shape: let onnxruntime allocate it each run
             b.bind_output("logits", "cpu")
+        self._kv.before(self._pos)
         self.session.run_with_iobinding(b)
+        outputs = b.get_outputs()
+        self._kv.after(outputs, total)
         self._tokens[self._pos : total] = ids
         self._pos = total
         if self.has_logits_to_keep:
             return self._logits[0, -1]
-        return b.get_outputs()[0].numpy()[0, -1]
+        return outputs[0].numpy()[0, -1]
 
     def common_prefix(self, ids: np.ndarray) -> int:
         """Length of the longest common prefix of `ids` and the cached tokens."""
