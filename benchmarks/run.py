@@ -61,6 +61,11 @@ SYSTEMS = {
     "qwen-edge-int4-kquant": {"kind": "qwen-edge", "recipe": {"0.5b": "demo", "1.5b": "qwen2.5-coder-1.5b-instruct-int4"}, "method": "kquant"},
     "qwen-edge-int4-mixed": {"kind": "qwen-edge", "recipe": {"0.5b": "demo", "1.5b": "qwen2.5-coder-1.5b-instruct-int4"}, "method": "mixed"},
     "qwen-edge-int8": {"kind": "qwen-edge", "recipe": {"0.5b": "qwen2.5-coder-0.5b-instruct-int8", "1.5b": "qwen2.5-coder-1.5b-instruct-int8"}},
+    # the demo model through the other recipe backends (Olive in this venv; Optimum in its own)
+    "qwen-edge-olive-int4": {"kind": "qwen-edge", "recipe": {"0.5b": "demo-olive-int4"}},
+    "qwen-edge-olive-int8": {"kind": "qwen-edge", "recipe": {"0.5b": "demo-olive-int8"}},
+    "qwen-edge-optimum-int4": {"kind": "qwen-edge", "recipe": {"0.5b": "demo-optimum-int4"}, "venv": "optimum"},
+    "qwen-edge-optimum-int8": {"kind": "qwen-edge", "recipe": {"0.5b": "demo-optimum-int8"}, "venv": "optimum"},
     "genai-int4": {"kind": "genai", "precision": "int4", "extra": []},
     "genai-int4-kquant-mixed": {"kind": "genai", "precision": "int4", "extra": ["algo_config=k_quant_mixed"]},
     "genai-int8": {"kind": "genai", "precision": "int8", "extra": []},
@@ -84,6 +89,19 @@ class BenchError(Exception):
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')} load {os.getloadavg()[0]:.2f}] {msg}", file=sys.stderr, flush=True)
+
+
+def _builder(spec: dict) -> Path:
+    """The qwen-edge that builds a system: this venv's, or the Optimum backend's own venv
+    ($QWEN_EDGE_OPTIMUM_VENV, default .venv-optimum; optimum-onnx pins transformers <4.58)."""
+    if spec.get("venv") != "optimum":
+        return QWEN_EDGE
+    venv = Path(os.environ.get("QWEN_EDGE_OPTIMUM_VENV") or ROOT / ".venv-optimum")
+    exe = venv / "bin" / "qwen-edge"
+    if not exe.exists():
+        raise BenchError(f"{exe} is missing; run `bash scripts/setup.sh build,optimum .venv-optimum` "
+                         "or set QWEN_EDGE_OPTIMUM_VENV")
+    return exe
 
 
 def _python(kind: str) -> Path:
@@ -245,7 +263,7 @@ def ensure_artifact(system: str, model: str, paths: dict, work: Path) -> dict:
         base.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(art, ignore_errors=True)
         if kind == "qwen-edge":
-            cmd = [QWEN_EDGE, "build", recipe, "--model", paths["hf_dir"], "--out", art, "--no-eval", "--quiet"]
+            cmd = [_builder(spec), "build", recipe, "--model", paths["hf_dir"], "--out", art, "--no-eval", "--quiet"]
         elif kind == "genai":
             cmd = [_python(kind), ANCHORS / "genai.py", "build", "--input", paths["hf_dir"], "--output", art,
                    "--precision", spec["precision"], "--quiet"]
@@ -511,6 +529,11 @@ def main(argv: list[str] | None = None) -> int:
     models = args.models.split(",") if args.models else (["0.5b"] if args.quick else list(MODELS))
     reps = args.reps or (2 if args.quick else 3)
     bad = [s for s in systems if s not in SYSTEMS] + [m for m in models if m not in MODELS]
+    if not bad:
+        for s in systems:
+            for m in models:
+                if SYSTEMS[s]["kind"] == "qwen-edge" and m not in SYSTEMS[s]["recipe"]:
+                    log(f"{s} has no recipe for {m}: skipped for that model")
     if bad or reps < 1:
         print(f"error: unknown {', '.join(bad) or 'value'}; systems: {', '.join(SYSTEMS)}; models: "
               f"{', '.join(MODELS)}; --reps must be >= 1", file=sys.stderr)
@@ -519,7 +542,8 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     started = dt.datetime.now().astimezone()
     try:
-        done = [run_model(m, systems, reps, args.nice, not args.no_fidelity, work) for m in models]
+        done = [run_model(m, [s for s in systems if SYSTEMS[s]["kind"] != "qwen-edge" or m in SYSTEMS[s]["recipe"]],
+                          reps, args.nice, not args.no_fidelity, work) for m in models]
     except BenchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -374,8 +374,8 @@ def _static_problem(recipe: Recipe, profile: Profile) -> str | None:
     if p.weights not in ("int4", "int8") or p.lm_head_bits not in ("int4", "int8") or p.method != "rtn":
         return (f"profile {profile.name!r} quantizes weights per channel for the NPU: use precision weights and "
                 "lm_head int4 or int8 with method rtn")
-    if recipe.context_length % profile.chunk:
-        return f"context_length {recipe.context_length} is not a multiple of the profile's chunk {profile.chunk}"
+    if recipe.context_length <= profile.chunk:
+        return f"context_length {recipe.context_length} must exceed the profile's prefill chunk {profile.chunk}"
     return None
 
 

@@ -81,3 +81,18 @@ def test_genai_config_threads_and_single_eos():
     assert cfg["model"]["decoder"]["session_options"]["intra_op_num_threads"] == 4
     with pytest.raises(QwenEdgeError, match="eos_token_id"):
         genai_config(QwenConfig(**{**CONFIG.to_dict(), "eos_token_ids": ()}), 2048, arm)
+
+
+def test_genai_config_of_a_static_npu_artifact_is_a_two_graph_pipeline():
+    profile = recipe_profile(load_recipe("qwen2.5-coder-0.5b-instruct-qnn"))
+    static = {"prefill": "prefill.onnx", "decode": "decode.onnx", "chunk": 64, "context_length": 1024,
+              "mask_value": -100.0, "key_layout": "k", "value_layout": "v",
+              "inputs": ["input_ids", "position_ids", "attention_bias"], "outputs": ["logits"]}
+    config = genai_config(CONFIG, 1024, profile, {"kv_cache": "static", "static": static})
+    decoder = config["model"]["decoder"]
+    assert "filename" not in decoder and config["search"]["past_present_share_buffer"] is False
+    (prefill,), (decode,) = (stage.values() for stage in decoder["pipeline"])
+    assert (prefill["filename"], prefill["run_on_prompt"], prefill["run_on_token_gen"]) == ("prefill.onnx", True, False)
+    assert (decode["filename"], decode["run_on_prompt"], decode["run_on_token_gen"]) == ("decode.onnx", False, True)
+    assert decoder["static"]["chunk"] == 64
+    assert decoder["session_options"]["provider_options"] == [{"qnn": {"backend_type": "htp", "htp_performance_mode": "burst"}}]

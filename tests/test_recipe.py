@@ -176,3 +176,20 @@ def test_backend_field(tmp_path):
     assert recipe.backend == "optimum"
     msg = error_of(write(tmp_path, "name: x\nsource: Qwen/Qwen3-0.6B\nbackend: tensorrt\n"))
     assert "backend" in msg and "'olive'" in msg and "'optimum'" in msg and "tensorrt" in msg
+
+
+def test_static_profile_rules(tmp_path):
+    profile = recipe_profile(load_recipe("qwen2.5-coder-0.5b-instruct-qnn"))
+    assert (profile.graph, profile.execution_provider, profile.chunk, profile.share_weights) == ("static", "qnn", 64, True)
+    base = "name: x\nsource: Qwen/Qwen3-0.6B\nprofile: qnn-htp\ncontext_length: 256\n"
+    assert load_recipe(write(tmp_path, base)).context_length == 256
+    assert "must exceed the profile's prefill chunk 256" in error_of(write(tmp_path, base + "overrides: {chunk: 256}\n"))
+    msg = error_of(write(tmp_path, base + "precision: {weights: int4, method: gptq}\n"))
+    assert "per channel" in msg and "method rtn" in msg
+    msg = error_of(write(tmp_path, base + "backend: olive\n"))
+    assert "native backend only" in msg
+    msg = error_of(write(tmp_path, "name: x\nsource: Qwen/Qwen3-0.6B\nprecision: {weights: int8, method: dynamic}\n"))
+    assert "backend: optimum" in msg
+    bad = write(tmp_path, "name: p\ndescription: d\nmemory_budget_mb: 10\nexecution_provider: qnn\n", "p.yaml")
+    with pytest.raises(QwenEdgeError, match="runs static graphs only"):
+        load_profile(str(bad))
