@@ -184,3 +184,12 @@ def test_quantized_stays_close_to_native(olive_artifact, tiny_model, tiny_artifa
     native_fid = fidelity.evaluate(native_dir, reference, tokenizer, progress=False, max_tokens=EVAL_TOKENS)["overall"]
     assert abs(olive_fid["top1_agreement"] - native_fid["top1_agreement"]) <= 0.05
     assert olive_fid["mean_kl"] <= 1.25 * native_fid["mean_kl"] + 1e-3
+
+
+@needs_olive
+def test_a_run_leaves_the_process_tempfile_root_alone(olive_artifact):
+    import tempfile
+
+    before = tempfile.gettempdir()
+    olive_artifact("qwen2", False, weights="fp32")
+    assert tempfile.gettempdir() == before and Path(before).is_dir()

@@ -263,10 +263,12 @@ def _run(config: dict, work: Path) -> Path:
     failures = _FailureLog()
     logger = logging.getLogger("olive")
     logger.addHandler(failures)
+    process_tempdir = tempfile.tempdir  # Olive points the whole process's tempfile root at `tempdir`
     try:
         with _torch_export_dynamic_cache_shapes():
             output = run(config, tempdir=str(work))
     finally:
+        tempfile.tempdir = process_tempdir
         logger.removeHandler(failures)
     model = Path(config["engine"]["output_dir"]) / MODEL_FILE
     if output is None or not output.has_output_model() or not model.is_file():
