@@ -52,11 +52,16 @@ def _stream(pieces: Iterable[str]) -> None:
     sys.stdout.flush()
 
 
+def _rate(tps: float) -> str:
+    """Tokens per second, or seconds per token when under one (an emulated NPU)."""
+    return f"{tps:.1f} tok/s" if tps >= 1 or tps == 0 else f"{1 / tps:.1f} s/token"
+
+
 def _report(gen: Generation) -> None:
     s = gen.stats
     print(
         f"[{gen.finish_reason}] prompt {s.prompt_tokens} tokens ({s.reused_tokens} cached), {s.new_tokens} new | "
-        f"ttft {s.ttft_s * 1000:.0f} ms | prefill {s.prefill_tps:.1f} tok/s | decode {s.decode_tps:.1f} tok/s",
+        f"ttft {s.ttft_s * 1000:.0f} ms | prefill {_rate(s.prefill_tps)} | decode {_rate(s.decode_tps)}",
         file=sys.stderr,
     )
     if gen.notice:
