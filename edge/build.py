@@ -61,7 +61,8 @@ def weight_plan(precision: Precision, config: QwenConfig) -> WeightPlan:
     )
 
 
-def _status(message: str, progress: bool, log=None) -> None:
+def status(message: str, progress: bool, log=None) -> None:
+    """One progress line on stderr (`qwen-edge: message...`) when `progress` is on."""
     if progress:
         print(f"qwen-edge: {message}...", file=log or sys.stderr, flush=True)
 
@@ -79,7 +80,7 @@ def export(source, out_dir: Path, plan: WeightPlan, options: GraphOptions, progr
                 callback=lambda tensor, info: bar.update(1), alignment=ALIGNMENT)
     finally:
         bar.close()
-    _status("writing the tokenizer", progress)
+    status("writing the tokenizer", progress)
     source.write_tokenizer(out_dir)
 
 
@@ -99,7 +100,7 @@ def build(recipe: Recipe, *, model: str | None = None, out: Path | None = None, 
     out_dir = Path(out or Path("artifacts") / recipe.name).resolve()
     start = time.perf_counter()
     spec = model or recipe.resolve_source(progress=progress)
-    _status(f"opening {spec}", progress, log)
+    status(f"opening {spec}", progress, log)
     source = open_source(spec, progress=progress)
     recipe.check_context_length(source.config.max_position_embeddings)
 
@@ -186,7 +187,7 @@ def _export_static(recipe: Recipe, profile: Profile, source, staging: Path, prog
     source.write_tokenizer(fp32)
     source.write_tokenizer(staging)
     manifest = {"model": model_block(source.config, recipe.context_length), "profile": {}, "static": info}
-    _status("capturing calibration inputs of the fp32 graphs", progress, log)
+    status("capturing calibration inputs of the fp32 graphs", progress, log)
     tokenizer = Tokenizer.from_file(str(fp32 / "tokenizer.json"))
     feeds = qnn.capture_feeds(Artifact(fp32, manifest), qnn.calibration_prompts(tokenizer, 2 * profile.chunk))
     quantized = qnn.quantize(fp32, qdq, feeds, options, progress)
@@ -233,11 +234,11 @@ def _export_with_backend(recipe: Recipe, profile: Profile, source, staging: Path
     model_dir = getattr(source, "path", None)
     scratch = None
     if model_dir is None:
-        _status(f"writing an fp32 Hugging Face copy of the model for {recipe.backend}", progress, log)
+        status(f"writing an fp32 Hugging Face copy of the model for {recipe.backend}", progress, log)
         scratch = write_hf_directory(source, staging.with_name(staging.name + ".hf"), progress)
         model_dir = scratch
     try:
-        _status(f"exporting with {recipe.backend}", progress, log)
+        status(f"exporting with {recipe.backend}", progress, log)
         info = backend.export(recipe, profile, Path(model_dir), staging, progress)
     finally:
         if scratch is not None:
@@ -251,7 +252,7 @@ def _check_fidelity(artifact_dir: Path, source, recipe: Recipe, profile: Profile
 
     from edge import fidelity
 
-    _status("loading the fp32 reference for the fidelity check", progress)
+    status("loading the fp32 reference for the fidelity check", progress)
     reference = source.reference_model()
     tokenizer = AutoTokenizer.from_pretrained(str(artifact_dir))
     result = fidelity.evaluate(artifact_dir, reference, tokenizer, progress=progress,

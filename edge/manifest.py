@@ -15,10 +15,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from edge.config import QwenConfig
-from qwen_edge.artifact import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
+from qwen_edge.artifact import FORMAT, FORMAT_VERSION, GENAI_CONFIG, MANIFEST, sha256_file
 from qwen_edge.errors import QwenEdgeError
 
-GENAI_CONFIG = "genai_config.json"
 TOOLS = ("qwen-edge", "onnx", "onnx-ir", "onnxruntime", "transformers", "torch", "gguf")
 
 

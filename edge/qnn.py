@@ -27,6 +27,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import onnx
 
+from edge.build import status
 from qwen_edge.errors import QwenEdgeError
 
 GRAPHS = ("prefill", "decode")
@@ -173,11 +174,11 @@ def quantize(src_dir: Path | str, out_dir: Path | str, feeds: Mapping[str, Seque
         groups = {g: kv_groups(m, _num_layers(m)) for g, m in models.items()}
         ranges = {}
         for g in GRAPHS:
-            _status(f"calibrating {g} on {len(feeds.get(g, ()))} captured runs", progress)
+            status(f"calibrating {g} on {len(feeds.get(g, ()))} captured runs", progress)
             ranges[g] = calibrate(src_dir / f"{g}.onnx", feeds.get(g, ()), tmp)
         kv = shared_kv_ranges(ranges, groups)
         for g in GRAPHS:
-            _status(f"quantizing {g}", progress)
+            status(f"quantizing {g}", progress)
             overrides = _weight_overrides(models[g], options)
             for name, (lo, hi) in kv.items():
                 if name in ranges[g].data:
@@ -229,13 +230,6 @@ def unwrapped_nodes(model: onnx.ModelProto) -> dict[str, list[str]]:
     return bare
 
 
-def _status(message: str, progress: bool) -> None:
-    if progress:
-        import sys
-
-        print(f"qwen-edge: {message}...", file=sys.stderr, flush=True)
-
-
 def _profile(provider_options: Mapping | None) -> dict:
     return {"execution_provider": "qnn", "provider_options": dict(provider_options or {}),
             "graph_optimization_level": "all"}
@@ -284,7 +278,7 @@ def compile_context(qdq_dir: Path | str, out_dir: Path | str, provider_options: 
         sessions = []
         for k, g in enumerate(GRAPHS):
             check_fallback(qdq_dir / f"{g}.onnx", options)
-            _status(f"compiling {g} for the QNN HTP", progress)
+            status(f"compiling {g} for the QNN HTP", progress)
             config = {**(SHARE if share else {}), "ep.context_enable": "1", "ep.context_embed_mode": "0",
                       "ep.context_file_path": str(Path(tmp) / f"{g}.onnx")}
             if share and k == len(GRAPHS) - 1:
@@ -350,7 +344,7 @@ def verify(ctx_dir: Path | str, qdq_dir: Path | str, feeds: Mapping[str, Sequenc
         ref, got, seconds = [], [], 0.0
         for f in feeds[g]:
             ref.append(cpu.run(["logits"], dict(f))[0])
-            _status(f"running {g} on the QNN HTP", progress)
+            status(f"running {g} on the QNN HTP", progress)
             t = time.perf_counter()
             got.append(htp[g].run(["logits"], dict(f))[0])
             seconds += time.perf_counter() - t
@@ -359,11 +353,10 @@ def verify(ctx_dir: Path | str, qdq_dir: Path | str, feeds: Mapping[str, Sequenc
     return result
 
 
-CALIBRATION_DIR = Path(__file__).resolve().parent / "data" / "calibration"
-
-
 def calibration_prompts(tokenizer, tokens_per_text: int) -> list[list[int]]:
     """Token ids of each shipped calibration text (edge/data/calibration), cut to `tokens_per_text`."""
+    from edge.gptq import CALIBRATION_DIR
+
     texts = [p.read_text(encoding="utf-8") for p in sorted(CALIBRATION_DIR.glob("*.txt"))]
     return [list(getattr(ids := tokenizer.encode(t), "ids", ids))[:tokens_per_text] for t in texts]
 

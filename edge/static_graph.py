@@ -41,6 +41,7 @@ import numpy as np
 import onnx_ir as ir
 from tqdm import tqdm
 
+from edge.build import ALIGNMENT
 from edge.graph import OPSET, DecoderGraph, GraphOptions, WeightPlan
 from qwen_edge.errors import QwenEdgeError
 
@@ -48,7 +49,6 @@ MASK_VALUE = -100.0
 GAIN = 100.0  # bias × GAIN only finds each row's visible maximum
 KEY_LAYOUT = "kv_heads,head_dim,context"  # past/present keys: [1, kv_heads, head_dim, L] / [..., C]
 VALUE_LAYOUT = "kv_heads,context,head_dim"
-ALIGNMENT = 4096
 GRAPHS = ("prefill", "decode")
 
 

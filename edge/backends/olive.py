@@ -38,13 +38,13 @@ from importlib import metadata
 from pathlib import Path
 
 from edge.backends import BackendMissingError, add_logits_to_keep
+from edge.build import ALIGNMENT, status
 from qwen_edge.errors import QwenEdgeError
 
 EXTRA = "olive"
 CALIBRATION_DATASET = "qwen_edge_calibration"
 TASK = "text-generation-with-past"
 MODEL_FILE, DATA_FILE = "model.onnx", "model.onnx.data"
-ALIGNMENT = 4096
 PLACEHOLDER_MODEL, PLACEHOLDER_OUT = "<hf-fp32-model-dir>", "<output-dir>"
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -229,20 +229,15 @@ def export(recipe, profile, model_dir: Path, out_dir: Path, progress: bool) -> d
     out_dir = Path(out_dir)
     config = workflow(recipe, profile, Path(model_dir), out_dir)
     passes = [p["type"] for p in config["passes"].values()]
-    _status(f"running Olive: {' -> '.join(passes)}", progress)
+    status(f"running Olive: {' -> '.join(passes)}", progress)
     with tempfile.TemporaryDirectory(prefix=".olive-", dir=out_dir) as work:
         work = Path(work)
         config["engine"].update(output_dir=str(work / "output"), cache_dir=str(work / "cache"),
                                 log_severity_level=1 if progress else 3)
         produced = _run(config, work)
-        _status("normalizing the Olive model into the artifact layout", progress)
+        status("normalizing the Olive model into the artifact layout", progress)
         graph = _normalize(produced, out_dir, profile.accuracy_level)
     return {"backend": "olive", "versions": _versions(), "passes": passes, "graph": graph}
-
-
-def _status(message: str, progress: bool) -> None:
-    if progress:
-        print(f"qwen-edge: {message}...", file=sys.stderr, flush=True)
 
 
 class _FailureLog(logging.Handler):

@@ -32,13 +32,13 @@ import numpy as np
 import onnx_ir as ir
 
 from edge.backends import BackendMissingError, add_logits_to_keep, initializer
+from edge.build import ALIGNMENT
 from qwen_edge.errors import QwenEdgeError
 
 NAME = "optimum"
 TASK = "text-generation-with-past"
 DIST = "optimum-onnx"
 MS = "com.microsoft"
-ALIGNMENT = 4096  # external data aligned for memory mapping, as the native backend writes it
 GRAPH = {"kv_cache": "growing", "position_ids": True, "num_logits_to_keep": True}
 _LAYER_NODE = re.compile(r"^/(model/layers\.\d+/(?:self_attn|mlp)/\w+_proj|lm_head)/MatMul$")
 

@@ -30,14 +30,13 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-from .artifact import Artifact
+from .artifact import GENAI_CONFIG, Artifact
 from .detokenize import Detokenizer
 from .errors import ArtifactError, ContextOverflowError, QwenEdgeError
 from .sampling import Sampler, SamplingParams
 from .session import create_session
 
 DEFAULT_PREFILL_CHUNK = 512
-GENAI_CONFIG = "genai_config.json"
 _DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
@@ -150,7 +149,7 @@ class _SharedKV:
     def before(self, pos: int) -> None:
         """Nothing to rebind: the attention mask alone says how many positions are valid."""
 
-    def after(self, outputs: list, total: int) -> None:
+    def after(self, outputs: list | None, total: int) -> None:
         """The graph already wrote into the shared buffers."""
 
 
@@ -241,6 +240,8 @@ class Generator:
             b.bind_output("logits", "cpu")  # bound first: outputs come back in binding order
         shape = (1, info.num_kv_heads, self.max_length, info.head_dim)
         self._kv = (_SharedKV if shared else _GrowingKV)(b, present, shape, dtype)
+        # a shared cache with a preallocated logits buffer needs nothing back from a run
+        self._reads_outputs = not (shared and self.has_logits_to_keep)
         self._positions = np.arange(self.max_length, dtype=np.int64) if self.has_position_ids else None
 
     # -- cache state ---------------------------------------------------------------------------
@@ -293,7 +294,7 @@ class Generator:
             b.bind_output("logits", "cpu")
         self._kv.before(self._pos)
         self.session.run_with_iobinding(b)
-        outputs = b.get_outputs()
+        outputs = b.get_outputs() if self._reads_outputs else None
         self._kv.after(outputs, total)
         self._tokens[self._pos : total] = ids
         self._pos = total
