@@ -16,7 +16,7 @@ from tqdm import tqdm
 from edge.config import QwenConfig
 from edge.graph import DecoderGraph, GraphOptions, WeightPlan
 from edge.quantize import QuantSpec
-from edge.recipe import Precision, Profile, Recipe, recipe_profile
+from edge.recipe import Precision, Profile, Recipe, RecipeError, recipe_profile
 from qwen_edge.errors import QwenEdgeError
 
 ALIGNMENT = 4096  # external data aligned for memory mapping
@@ -48,6 +48,9 @@ def weight_plan(precision: Precision, config: QwenConfig) -> WeightPlan:
             method = "rtn"
         return QuantSpec(n, precision.block_size, symmetric and method == "rtn", method)
 
+    if precision.lm_head_int8_rows >= config.vocab_size:
+        raise RecipeError(f"precision lm_head_int8_rows {precision.lm_head_int8_rows} covers the whole "
+                          f"{config.vocab_size}-token vocabulary; use lm_head: int8 instead")
     overrides = ()
     if precision.method in ("mixed", "gptq"):
         names = [f"model.layers.{i}.{part}.weight" for i in range(config.num_layers) for part in LINEAR_PARTS]
@@ -58,6 +61,7 @@ def weight_plan(precision: Precision, config: QwenConfig) -> WeightPlan:
         embedding=storage(precision.embedding_bits, table=True),
         lm_head=storage(precision.lm_head_bits),
         overrides=overrides,
+        lm_head_int8_rows=precision.lm_head_int8_rows,
     )
 
 

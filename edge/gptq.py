@@ -347,7 +347,7 @@ def calibrate(source, plan: WeightPlan, spill_dir: Path, *, tokens: int = DEFAUL
                 x = layer_forward(x, w, cfg, cos, sin, quantized_weight)
                 if blobs:
                     result.add(blobs)
-            shared = cfg.tie_word_embeddings and plan.lm_head == plan.embedding  # the graph reuses the table's blobs
+            shared = plan.lm_head_shares_embedding(cfg.tie_word_embeddings)  # the graph reuses the table's blobs
             if lm_head and isinstance(plan.lm_head, QuantSpec) and not shared:
                 norm = torch.from_numpy(source.tensor("model.norm.weight"))
                 h = hessian(F.rms_norm(x, (cfg.hidden_size,), norm, cfg.rms_norm_eps))

@@ -24,6 +24,10 @@ from qwen_edge.errors import QwenEdgeError
 MS = "com.microsoft"
 OPSET = 21
 INT64_MAX = np.iinfo(np.int64).max
+# A quantized lm_head is emitted as row slices of at most this many rows, concatenated: onnxruntime
+# repacks each MatMulNBits weight at load, and one 150k-row matrix would briefly exist twice.
+LM_HEAD_SLICE_ROWS = 32768
+_BLOB_NAMES = {"packed": "qweight", "scales": "scales", "zp": "zero_points"}
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,12 @@ class WeightPlan:
     embedding: QuantSpec | str
     lm_head: QuantSpec | str
     overrides: tuple[tuple[str, QuantSpec | str], ...] = ()  # (HF weight name, storage) for mixed precision
+    lm_head_int8_rows: int = 0  # the first rows of a quantized lm_head kept in int8 (see DecoderGraph._lm_head)
+
+    def lm_head_shares_embedding(self, tied: bool) -> bool:
+        """Whether a tied model's lm_head reuses the embedding table's quantized blobs (one copy)."""
+        return (tied and not isinstance(self.lm_head, str) and self.lm_head == self.embedding
+                and not self.lm_head_int8_rows)
 
     def for_linear(self, names: list[str]) -> QuantSpec | str:
         """Storage of a (possibly packed) linear: the most precise storage any of its parts asks for."""
@@ -53,7 +63,7 @@ class GraphOptions:
     accuracy_level: int = 4
 
 
-TensorReader = Callable[[str], np.ndarray]
+TensorReader = Callable[..., np.ndarray]  # (HF name, rows=None) -> float32 array, or its first `rows` rows
 
 
 class _Memo:
@@ -130,10 +140,12 @@ class DecoderGraph:
         return w if storage == "fp32" else self._op("Cast", [w], {"to": ir.DataType.FLOAT})
 
     def _quantized(self, key: str, names: list[str], n: int, k: int, spec: QuantSpec,
-                   gather: bool = False, matmul: bool = True) -> dict[str, ir.Value | None]:
+                   gather: bool = False, matmul: bool = True, scales_dtype=np.float32) -> dict[str, ir.Value | None]:
         """Lazy blobs for the rows of `names`: packed weights and scales, plus zero points in the
         MatMulNBits layout (`zp`, [N, ceil(kb*bits/8)]) and/or the GatherBlockQuantized one
-        (`gather_zp`, [N, kb, 1], one value per byte), computed once whichever is written first."""
+        (`gather_zp`, [N, kb, 1], one value per byte), computed once whichever is written first.
+        MatMulNBits takes float32 scales with float32 activations; GatherBlockQuantized alone may
+        take float16 ones (its output then has that type)."""
         kb = -(-k // spec.block_size)
         blob = spec.block_size * spec.bits // 8
         asym = not spec.symmetric or spec.method != "rtn"
@@ -142,7 +154,7 @@ class DecoderGraph:
 
         def compute() -> dict:
             q = self.supplied(key) or quantize(self._read_rows(names), spec)
-            values = {"packed": q.packed, "scales": q.scales, "zp": q.zero_points}
+            values = {"packed": q.packed, "scales": q.scales.astype(scales_dtype), "zp": q.zero_points}
             if "gather_zp" in parts:
                 values["gather_zp"] = q.zero_point_values()[:, :, None]
             return values
@@ -151,7 +163,7 @@ class DecoderGraph:
             return lambda: self.memo.part(key, parts, compute, which)
 
         out = {"packed": self._lazy(f"{key}.qweight", np.dtype(np.uint8), (n, kb, blob), getter("packed")),
-               "scales": self._lazy(f"{key}.scales", np.dtype(np.float32), (n, kb), getter("scales")),
+               "scales": self._lazy(f"{key}.scales", np.dtype(scales_dtype), (n, kb), getter("scales")),
                "zp": None, "gather_zp": None}
         if "zp" in parts:
             dtype, shape = ((np.float32, (n, kb)) if spec.method == "hqq"
@@ -199,19 +211,17 @@ class DecoderGraph:
         if c.hidden_size % storage.block_size:
             raise QwenEdgeError(f"hidden size {c.hidden_size} is not a multiple of block_size {storage.block_size}; "
                                 "choose a smaller block_size in the recipe")
-        shared = self._lm_head_shares_embedding()
+        shared = self.plan.lm_head_shares_embedding(self.cfg.tie_word_embeddings)
+        # A table of its own keeps float16 scales (half their bytes); lm_head's MatMulNBits needs float32.
         q = self._quantized("model.embed_tokens", [name], c.vocab_size, c.hidden_size, storage,
-                            gather=True, matmul=shared)
+                            gather=True, matmul=shared, scales_dtype=np.float32 if shared else np.float16)
         self._embed_blobs = q
         # The packed rows [vocab, blocks, bytes] serve as they are: each block is quantized along the last axis.
         scales = self._op("Unsqueeze", [q["scales"], self._const("last_axis", np.array([-1], np.int64))])
         attrs = {"gather_axis": 0, "quantize_axis": 2, "block_size": storage.block_size, "bits": storage.bits}
         blocks = self._op("GatherBlockQuantized", [q["packed"], input_ids, scales, q["gather_zp"]], attrs, domain=MS)
-        return self._op("Reshape", [blocks, self._const("hidden_shape", np.array([0, 0, c.hidden_size], np.int64))])
-
-    def _lm_head_shares_embedding(self) -> bool:
-        storage = self.plan.lm_head
-        return self.cfg.tie_word_embeddings and not isinstance(storage, str) and storage == self.plan.embedding
+        x = self._op("Reshape", [blocks, self._const("hidden_shape", np.array([0, 0, c.hidden_size], np.int64))])
+        return x if shared else self._op("Cast", [x], {"to": ir.DataType.FLOAT})
 
     def _norm(self, x, weight_name: str):
         return self._op("SimplifiedLayerNormalization", [x, self._vector(weight_name)],
@@ -278,14 +288,69 @@ class DecoderGraph:
     def _lm_head(self, x):
         c = self.cfg
         storage = self.plan.lm_head
-        if self._lm_head_shares_embedding():
+        if self.plan.lm_head_shares_embedding(self.cfg.tie_word_embeddings):
             q = self._embed_blobs  # one copy of the packed weights, shared with the embedding
             attrs = {"K": c.hidden_size, "N": c.vocab_size, "bits": storage.bits, "block_size": storage.block_size,
                      "accuracy_level": self.opts.accuracy_level}
             return self._op("MatMulNBits", [x, q["packed"], q["scales"], q["zp"]], attrs, domain=MS,
                             name="/lm_head/MatMulNBits")
         name = "model.embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight"
-        return self._linear(x, "lm_head", [name], c.vocab_size, c.hidden_size, storage)
+        if isinstance(storage, str):
+            return self._linear(x, "lm_head", [name], c.vocab_size, c.hidden_size, storage)
+        return self._sliced_lm_head(x, name, storage)
+
+    def _sliced_lm_head(self, x, name: str, storage: QuantSpec):
+        """lm_head as MatMulNBits row slices whose logits are concatenated.
+
+        The first ``plan.lm_head_int8_rows`` rows are int8: token ids follow the byte-level BPE
+        merge order, so the lowest ids are the most frequent tokens, the candidates among which the
+        top token is picked. The rest has `storage`, in slices of at most LM_HEAD_SLICE_ROWS rows.
+        """
+        c = self.cfg
+        head = self.plan.lm_head_int8_rows
+        rest = c.vocab_size - head
+        count = -(-rest // LM_HEAD_SLICE_ROWS)
+        bounds = [head + rest * i // count for i in range(count + 1)]
+        int8 = QuantSpec(8, storage.block_size, symmetric=True)  # near-lossless; no zero points
+        slices = ([(0, head, int8)] if head else []) + [(a, b, storage) for a, b in zip(bounds, bounds[1:])]
+        kb = -(-c.hidden_size // storage.block_size)
+        asym = not storage.symmetric or storage.method != "rtn"
+        parts = tuple(f"{i}.{what}" for i, (_, _, spec) in enumerate(slices)
+                      for what in (("packed", "scales") + (("zp",) if spec is storage and asym else ())))
+
+        def compute() -> dict:
+            supplied = self.supplied("lm_head")
+            # calibrated blobs leave only the int8 rows to read
+            weight = self.read(name) if supplied is None else self.read(name, rows=head) if head else None
+            values = {}
+            for i, (a, b, spec) in enumerate(slices):
+                if spec is storage and supplied is not None:
+                    q = supplied.rows(a, b)
+                else:
+                    q = quantize(weight[a:b], spec)
+                values.update({f"{i}.packed": q.packed, f"{i}.scales": q.scales, f"{i}.zp": q.zero_points})
+            return values
+
+        def key(i: int) -> str:
+            return "lm_head" if len(slices) == 1 else f"lm_head.{i}"
+
+        def lazy(i: int, what: str, dtype, shape):
+            return self._lazy(f"{key(i)}.{_BLOB_NAMES[what]}", np.dtype(dtype), shape,
+                              lambda: self.memo.part("lm_head", parts, compute, f"{i}.{what}"))
+
+        logits = []
+        for i, (a, b, spec) in enumerate(slices):
+            n = b - a
+            zp = None
+            if f"{i}.zp" in parts:
+                zp = (lazy(i, "zp", np.float32, (n, kb)) if spec.method == "hqq"
+                      else lazy(i, "zp", np.uint8, (n, -(-kb * spec.bits // 8))))
+            attrs = {"K": c.hidden_size, "N": n, "bits": spec.bits, "block_size": spec.block_size,
+                     "accuracy_level": self.opts.accuracy_level}
+            blobs = [lazy(i, "packed", np.uint8, (n, kb, spec.block_size * spec.bits // 8)),
+                     lazy(i, "scales", np.float32, (n, kb)), zp]
+            logits.append(self._op("MatMulNBits", [x, *blobs], attrs, domain=MS, name=f"/{key(i)}/MatMulNBits"))
+        return logits[0] if len(logits) == 1 else self._op("Concat", logits, {"axis": -1}, name="/lm_head/Concat")
 
     # ----- the whole model -----------------------------------------------------------------
     def build(self) -> ir.Model:

@@ -80,6 +80,12 @@ class BlockQuantized:
         w = (q - zp) * self.scales[:, :, None]
         return w.reshape(self.n, -1)[:, : self.k]
 
+    def rows(self, start: int, stop: int) -> "BlockQuantized":
+        """The blobs of rows [start, stop) (rows are quantized independently)."""
+        zp = None if self.zero_points is None else self.zero_points[start:stop]
+        return BlockQuantized(self.packed[start:stop], self.scales[start:stop], zp, self.bits, self.block_size,
+                              stop - start, self.k)
+
 
 def unpack(packed: np.ndarray, bits: int) -> np.ndarray:
     """Unpack uint8 bytes into one value per element along the last axis (low nibble first)."""

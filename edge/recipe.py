@@ -24,6 +24,12 @@ Precision methods:
   4096, capped by the text's length). ``int8_layers`` may keep chosen tensors in int8 as with
   ``mixed``; without it every linear has ``weights`` bits. lm_head is calibrated too unless it
   shares the tied embedding's blobs; the embedding uses ``rtn``.
+
+``lm_head_int8_rows: N`` (an int4 lm_head, native backend) keeps lm_head's first N rows in int8. A
+byte-level BPE vocabulary numbers its tokens in merge order, so the low ids are the frequent tokens
+the next token is usually picked from: on Qwen2.5-Coder-0.5B, 16384 int8 rows (+7 MB) lift top-1
+agreement with fp32 as much as a fully int8 lm_head (+70 MB) would. A tied model whose lm_head
+would otherwise share the embedding's blobs then stores its own lm_head.
 """
 
 from __future__ import annotations
@@ -81,6 +87,7 @@ class Precision(_Strict):
     lm_head: TableBits = "same"
     int8_layers: tuple[str, ...] | None = None
     calibration_tokens: Annotated[int, Field(ge=64, le=65536)] | None = None
+    lm_head_int8_rows: Annotated[int, Field(ge=0)] = 0
 
     @model_validator(mode="after")
     def _mixed_policy(self) -> "Precision":
@@ -92,6 +99,8 @@ class Precision(_Strict):
             raise ValueError("int8_layers with method 'gptq' needs weights 'int4'")
         if self.calibration_tokens is not None and self.method != "gptq":
             raise ValueError("calibration_tokens is only used with method 'gptq'")
+        if self.lm_head_int8_rows and self.lm_head_bits != "int4":
+            raise ValueError("lm_head_int8_rows needs an int4 lm_head (an int8 one is int8 throughout)")
         return self
 
     def bits_for(self, tensor_name: str) -> str:
@@ -358,6 +367,9 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     recipe = recipe.model_copy(update={"precision": precision})
     if precision.method == "dynamic" and recipe.backend != "optimum":
         raise RecipeError(f"{path}: precision method 'dynamic' is Optimum's int8 preset; use it with backend: optimum")
+    if precision.lm_head_int8_rows and (recipe.backend != "native" or recipe_profile(recipe).graph == "static"):
+        raise RecipeError(f"{path}: precision lm_head_int8_rows is a layout of qwen-edge's CPU graph; drop it "
+                          "(or use backend native with a CPU profile)")
     problem = _static_problem(recipe, recipe_profile(recipe))
     if problem:
         raise RecipeError(f"{path}: {problem}")

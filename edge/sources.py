@@ -200,8 +200,8 @@ class Source(ABC):
         """Hugging Face names of the tensors this source holds."""
 
     @abstractmethod
-    def tensor(self, name: str) -> np.ndarray:
-        """One tensor as a float32 array, read on demand."""
+    def tensor(self, name: str, rows: int | None = None) -> np.ndarray:
+        """One tensor as a float32 array, read on demand (only its first `rows` rows if given)."""
 
     @abstractmethod
     def weight_files(self) -> list[Path]:
@@ -333,12 +333,14 @@ class HFSource(Source):
     def has_tensor(self, name: str) -> bool:
         return name in self._where
 
-    def tensor(self, name: str) -> np.ndarray:
+    def tensor(self, name: str, rows: int | None = None) -> np.ndarray:
         from safetensors import safe_open
 
         if name not in self._where:
             raise self._missing(name)
         with safe_open(str(self._where[name]), framework="pt") as st:
+            if rows is not None:  # only those rows' pages of the mapped file are touched
+                return st.get_slice(name)[:rows].float().numpy()
             return st.get_tensor(name).float().numpy()
 
     def weight_files(self) -> list[Path]:

@@ -156,7 +156,12 @@ def _gptq_reference(model_dir, tmp_path, precision: dict):
     with torch.no_grad():
         head = result("lm_head")
         if head is not None:  # the build calibrates lm_head when it has its own blobs
-            model.lm_head.weight = torch.nn.Parameter(torch.from_numpy(head.dequantize()))
+            deq = head.dequantize()
+            rows = precision.get("lm_head_int8_rows", 0)  # ... and replaces its first rows by int8 rtn
+            if rows:
+                name = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+                deq[:rows] = quantize(source.tensor(name)[:rows], QuantSpec(8, head.block_size)).dequantize()
+            model.lm_head.weight = torch.nn.Parameter(torch.from_numpy(deq))
         for i in range(cfg.num_layers):
             for suffix, parts in gptq.GROUPS.values():
                 deq = torch.from_numpy(result(f"model.layers.{i}.{suffix}").dequantize())
@@ -171,7 +176,8 @@ def _gptq_reference(model_dir, tmp_path, precision: dict):
     ("qwen2", False, dict(weights="int4", method="gptq", block_size=32, lm_head="int8", int8_layers=DEFAULT_INT8_LAYERS)),
     ("qwen3", True, dict(weights="int4", method="gptq", symmetric=True, block_size=32)),
     ("qwen3", True, dict(weights="int4", method="gptq", block_size=32, lm_head="int8")),
-], ids=["qwen2-mixed", "qwen3-sym", "qwen3-tied-head8"])
+    ("qwen3", True, dict(weights="int4", method="gptq", block_size=32, lm_head_int8_rows=100)),
+], ids=["qwen2-mixed", "qwen3-sym", "qwen3-tied-head8", "qwen3-tied-int8-rows"])
 def test_gptq_artifact_computes_the_calibrated_model(tiny_model, tmp_path, family, tied, precision):
     precision = {**precision, "calibration_tokens": 1024}
     art = build_tiny(tiny_model, tmp_path, family, tied, accuracy_level=0, **precision)

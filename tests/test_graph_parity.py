@@ -14,8 +14,10 @@ from transformers import AutoModelForCausalLM
 
 from edge.build import build, weight_plan
 from edge.config import QwenConfig
-from edge.quantize import quantize
+from edge.quantize import QuantSpec, quantize
 from edge.recipe import Precision, Recipe
+from qwen_edge.errors import QwenEdgeError
+from tiny_models import hf_config
 
 FAMILIES = [("qwen2", False), ("qwen2", True), ("qwen3", True), ("qwen3", False)]
 IDS = np.random.default_rng(7).integers(0, 590, 24).tolist()
@@ -42,14 +44,33 @@ def _dequantize_like_the_graph(model, precision: Precision) -> None:
             if isinstance(spec, str):
                 continue
             stacked = np.concatenate([params[n].detach().numpy() for n in names])
-            deq = quantize(stacked.copy(), spec).dequantize()
+            if "lm_head" in names[0]:
+                deq = _lm_head_like_the_graph(stacked, plan)
+            else:
+                q = quantize(stacked.copy(), spec)
+                half = "embed" in names[0] and not plan.lm_head_shares_embedding(config.tie_word_embeddings)
+                if half:  # a table of its own has fp16 scales and so gathers fp16 rows
+                    q.scales = q.scales.astype(np.float16).astype(np.float32)
+                deq = q.dequantize()
+                if half:
+                    deq = deq.astype(np.float16).astype(np.float32)
             start = 0
             for n in names:
                 rows = params[n].shape[0]
                 params[n].copy_(torch.from_numpy(deq[start:start + rows]))
                 start += rows
-        if config.tie_word_embeddings and not isinstance(plan.lm_head, str) and plan.lm_head != plan.embedding:
-            model.lm_head.weight = torch.nn.Parameter(torch.from_numpy(quantize(original_embedding, plan.lm_head).dequantize()))
+        if (config.tie_word_embeddings and not isinstance(plan.lm_head, str)
+                and not plan.lm_head_shares_embedding(True)):
+            model.lm_head.weight = torch.nn.Parameter(torch.from_numpy(_lm_head_like_the_graph(original_embedding, plan)))
+
+
+def _lm_head_like_the_graph(weight: np.ndarray, plan) -> np.ndarray:
+    """lm_head dequantized: its first `lm_head_int8_rows` rows symmetric int8, the rest with its own spec."""
+    deq = quantize(weight.copy(), plan.lm_head).dequantize()
+    head = plan.lm_head_int8_rows
+    if head:
+        deq[:head] = quantize(weight[:head].copy(), QuantSpec(8, plan.lm_head.block_size)).dequantize()
+    return deq
 
 
 def reference(model_dir, dequantized: Precision | None = None):
@@ -121,6 +142,7 @@ QUANTIZED = [
     dict(weights="int4", method="kquant", block_size=32, embedding="int8"),
     dict(weights="int4", method="hqq", block_size=128),
     dict(weights="int4", method="mixed", block_size=32),
+    dict(weights="int4", method="rtn", symmetric=False, block_size=32, lm_head_int8_rows=100),
     dict(weights="int8", method="rtn", symmetric=True, block_size=32),
     dict(weights="int8", method="rtn", symmetric=False, block_size=128, embedding="fp32"),
 ]
@@ -200,3 +222,27 @@ def test_gguf_source_builds_the_same_bytes_and_builds_are_reproducible(tiny_mode
     g = build_from(tiny_gguf("qwen2", False), tmp_path / "g")
     for name in ("model.onnx", "model.onnx.data"):
         assert (a / name).read_bytes() == (b / name).read_bytes() == (g / name).read_bytes()
+
+
+@pytest.mark.parametrize("family,tied", [("qwen2", False), ("qwen3", True)])
+def test_lm_head_in_int8_and_int4_row_slices_computes_the_dequantized_model(tiny_model, tmp_path, monkeypatch,
+                                                                             family, tied):
+    monkeypatch.setattr("edge.graph.LM_HEAD_SLICE_ROWS", 200)
+    precision = dict(weights="int4", method="rtn", symmetric=False, block_size=32, lm_head_int8_rows=100)
+    art = build_tiny(tiny_model, tmp_path, family, tied, accuracy_level=0, **precision)
+    _, model = _initializer_bytes(art)
+    heads = {n.name: {a.name: a.i for a in n.attribute} for n in model.graph.node if n.name.startswith("/lm_head.")}
+    # 600 rows: 100 int8, then 500 int4 rows in three slices of at most 200
+    assert [(h["N"], h["bits"]) for h in heads.values()] == [(100, 8), (166, 4), (167, 4), (167, 4)]
+    concat = next(n for n in model.graph.node if n.name == "/lm_head/Concat")
+    assert list(concat.output) == ["logits"]
+    ref = reference(tiny_model(family, tied), dequantized=Precision(**precision))
+    sess = session(art)
+    np.testing.assert_allclose(prefill_all(sess, IDS), ref, atol=2e-4, rtol=0)
+    np.testing.assert_allclose(cached_steps(sess, IDS, PREFILL), ref[PREFILL - 1:], atol=2e-4, rtol=0)
+
+
+def test_lm_head_int8_rows_must_leave_int4_rows():
+    config = QwenConfig.from_hf(hf_config("qwen2", False, 600, 0, 1).to_dict())
+    with pytest.raises(QwenEdgeError, match="covers the whole 600-token vocabulary; use lm_head: int8"):
+        weight_plan(Precision(lm_head_int8_rows=600), config)

@@ -193,3 +193,13 @@ def test_static_profile_rules(tmp_path):
     bad = write(tmp_path, "name: p\ndescription: d\nmemory_budget_mb: 10\nexecution_provider: qnn\n", "p.yaml")
     with pytest.raises(QwenEdgeError, match="runs static graphs only"):
         load_profile(str(bad))
+
+
+def test_lm_head_int8_rows_rules(tmp_path):
+    base = "name: x\nsource: Qwen/Qwen3-0.6B\n"
+    assert load_recipe(write(tmp_path, base + "precision: {lm_head_int8_rows: 8192}\n")).precision.lm_head_int8_rows == 8192
+    assert "needs an int4 lm_head" in error_of(write(tmp_path, base + "precision: {lm_head: int8, lm_head_int8_rows: 8}\n"))
+    assert "lm_head_int8_rows" in error_of(write(tmp_path, base + "precision: {lm_head_int8_rows: -1}\n"))
+    for extra in ("backend: olive\n", "profile: qnn-htp\ncontext_length: 256\n"):
+        msg = error_of(write(tmp_path, base + extra + "precision: {weights: int4, lm_head: int4, lm_head_int8_rows: 64}\n"))
+        assert "layout of qwen-edge's CPU graph" in msg, msg

@@ -31,6 +31,9 @@ def test_hf_dir_and_f32_gguf_agree(tiny_model, tiny_gguf, family, tied):
         a, b = hf.tensor(name), gg.tensor(name)
         assert a.dtype == np.float32 and b.dtype == np.float32
         np.testing.assert_array_equal(a, b, err_msg=name)
+    name = "model.embed_tokens.weight"  # the first rows only
+    for src in (hf, gg):
+        np.testing.assert_array_equal(src.tensor(name, rows=70), hf.tensor(name)[:70])
 
 
 def test_tensor_layout_is_hf_out_in(tiny_qwen3_untied):
