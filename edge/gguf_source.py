@@ -124,7 +124,7 @@ class GGUFSource(Source):
     def has_tensor(self, name: str) -> bool:
         return name in self._gguf_name
 
-    def tensor(self, name: str, rows: int | None = None) -> np.ndarray:
+    def tensor(self, name: str, rows: slice | None = None) -> np.ndarray:
         from gguf.quants import dequantize
 
         if name not in self._gguf_name:
@@ -134,12 +134,11 @@ class GGUFSource(Source):
         stored = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dimensions innermost first
         if stored != shape:
             raise SourceError(f"{self.spec}: tensor {t.name} has shape {stored}, expected {shape}; the file is inconsistent")
-        if rows is not None:
-            shape = (min(rows, shape[0]), *shape[1:])
-        out = np.empty(shape, np.float32)
-        for i in range(0, shape[0], ROW_CHUNK):  # bounded temporaries for 150k-row embeddings
-            end = min(i + ROW_CHUNK, shape[0])
-            out[i:end] = dequantize(t.data[i:end], t.tensor_type).reshape(out[i:end].shape)
+        start, stop, _ = (rows or slice(None)).indices(shape[0])
+        out = np.empty((max(stop - start, 0), *shape[1:]), np.float32)
+        for i in range(start, stop, ROW_CHUNK):  # bounded temporaries for 150k-row embeddings
+            end = min(i + ROW_CHUNK, stop)
+            out[i - start:end - start] = dequantize(t.data[i:end], t.tensor_type).reshape(out[i - start:end - start].shape)
         # Drop the file pages just read from this process's resident set (they stay in the page cache).
         self._reader.data._mmap.madvise(mmap.MADV_DONTNEED)
         return out

@@ -42,6 +42,7 @@ from tqdm import tqdm
 from edge.config import QwenConfig
 from edge.graph import WeightPlan
 from edge.quantize import BlockQuantized, QuantSpec, pack, quantize
+from edge.sources import row_blocks
 from qwen_edge.errors import QwenEdgeError
 
 CALIBRATION_DIR = Path(__file__).resolve().parent / "data" / "calibration"
@@ -94,7 +95,9 @@ def calibration_ids(source, tokens: int = DEFAULT_TOKENS, seq_len: int = SEQ_LEN
 def embed(source, plan: WeightPlan, ids: torch.Tensor) -> torch.Tensor:
     """float32 [B, L, hidden] embeddings of `ids` as the artifact stores them (dequantized table rows)."""
     unique, inverse = torch.unique(ids, return_inverse=True)
-    rows = source.tensor("model.embed_tokens.weight")[unique.numpy()]
+    wanted = unique.numpy()  # sorted: the table is read in row blocks, keeping the wanted rows
+    rows = np.concatenate([block[wanted[(wanted >= a) & (wanted < a + len(block))] - a]
+                           for a, block in row_blocks(source.tensor, "model.embed_tokens.weight", source.config.vocab_size)])
     if isinstance(plan.embedding, QuantSpec):
         rows = quantize(rows, plan.embedding).dequantize()  # rows quantize independently
     elif plan.embedding == "fp16":
@@ -352,7 +355,9 @@ def calibrate(source, plan: WeightPlan, spill_dir: Path, *, tokens: int = DEFAUL
                 norm = torch.from_numpy(source.tensor("model.norm.weight"))
                 h = hessian(F.rms_norm(x, (cfg.hidden_size,), norm, cfg.rms_norm_eps))
                 name = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
-                result.add({"lm_head": gptq(torch.from_numpy(source.tensor(name)), h, plan.lm_head, overwrite=True)})
+                blocks = [gptq(torch.from_numpy(rows), h, plan.lm_head, overwrite=True)  # rows are independent
+                          for _, rows in row_blocks(source.tensor, name, cfg.vocab_size, ROW_CHUNK)]
+                result.add({"lm_head": BlockQuantized.concat(blocks)})
     except BaseException:
         result.close()  # nothing half-written stays behind
         raise

@@ -19,6 +19,7 @@ import onnx_ir as ir
 
 from edge.config import QwenConfig
 from edge.quantize import BlockQuantized, QuantSpec, quantize
+from edge.sources import row_blocks
 from qwen_edge.errors import QwenEdgeError
 
 MS = "com.microsoft"
@@ -63,7 +64,7 @@ class GraphOptions:
     accuracy_level: int = 4
 
 
-TensorReader = Callable[..., np.ndarray]  # (HF name, rows=None) -> float32 array, or its first `rows` rows
+TensorReader = Callable[..., np.ndarray]  # (HF name, rows: slice | None = None) -> float32 array (a source's tensor)
 
 
 class _Memo:
@@ -153,7 +154,7 @@ class DecoderGraph:
         parts = ("packed", "scales") + zp_parts
 
         def compute() -> dict:
-            q = self.supplied(key) or quantize(self._read_rows(names), spec)
+            q = self.supplied(key) or self._read_quantized(names, n, spec)
             values = {"packed": q.packed, "scales": q.scales.astype(scales_dtype), "zp": q.zero_points}
             if "gather_zp" in parts:
                 values["gather_zp"] = q.zero_point_values()[:, :, None]
@@ -172,6 +173,12 @@ class DecoderGraph:
         if "gather_zp" in parts:
             out["gather_zp"] = self._lazy(f"{key}.gather_zero_points", np.dtype(np.uint8), (n, kb, 1), getter("gather_zp"))
         return out
+
+    def _read_quantized(self, names: list[str], n: int, spec: QuantSpec) -> BlockQuantized:
+        """quantize() of the rows of `names`; a single matrix is read and quantized in row blocks."""
+        if len(names) > 1:
+            return quantize(self._read_rows(names), spec)
+        return BlockQuantized.concat([quantize(rows, spec) for _, rows in row_blocks(self.read, names[0], n)])
 
     def _linear(self, x: ir.Value, key: str, names: list[str], n: int, k: int, storage, bias: ir.Value | None = None):
         if isinstance(storage, str):
@@ -319,15 +326,13 @@ class DecoderGraph:
                       for what in (("packed", "scales") + (("zp",) if spec is storage and asym else ())))
 
         def compute() -> dict:
-            supplied = self.supplied("lm_head")
-            # calibrated blobs leave only the int8 rows to read
-            weight = self.read(name) if supplied is None else self.read(name, rows=head) if head else None
+            supplied = self.supplied("lm_head")  # calibrated blobs leave only the int8 rows to read
             values = {}
             for i, (a, b, spec) in enumerate(slices):
                 if spec is storage and supplied is not None:
                     q = supplied.rows(a, b)
                 else:
-                    q = quantize(weight[a:b], spec)
+                    q = quantize(self.read(name, rows=slice(a, b)), spec)
                 values.update({f"{i}.packed": q.packed, f"{i}.scales": q.scales, f"{i}.zp": q.zero_points})
             return values
 

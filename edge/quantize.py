@@ -80,6 +80,14 @@ class BlockQuantized:
         w = (q - zp) * self.scales[:, :, None]
         return w.reshape(self.n, -1)[:, : self.k]
 
+    @staticmethod
+    def concat(parts: list["BlockQuantized"]) -> "BlockQuantized":
+        """One matrix from row blocks quantized alike (rows are quantized independently)."""
+        first = parts[0]
+        zp = None if first.zero_points is None else np.concatenate([p.zero_points for p in parts])
+        return BlockQuantized(np.concatenate([p.packed for p in parts]), np.concatenate([p.scales for p in parts]),
+                              zp, first.bits, first.block_size, sum(p.n for p in parts), first.k)
+
     def rows(self, start: int, stop: int) -> "BlockQuantized":
         """The blobs of rows [start, stop) (rows are quantized independently)."""
         zp = None if self.zero_points is None else self.zero_points[start:stop]

@@ -28,7 +28,7 @@ Precision methods:
 ``lm_head_int8_rows: N`` (an int4 lm_head, native backend) keeps lm_head's first N rows in int8. A
 byte-level BPE vocabulary numbers its tokens in merge order, so the low ids are the frequent tokens
 the next token is usually picked from: on Qwen2.5-Coder-0.5B, 16384 int8 rows (+7 MB) lift top-1
-agreement with fp32 as much as a fully int8 lm_head (+70 MB) would. A tied model whose lm_head
+agreement with fp32 as much as a fully int8 lm_head (+66 MB) would. A tied model whose lm_head
 would otherwise share the embedding's blobs then stores its own lm_head.
 """
 

@@ -30,6 +30,14 @@ HUB_PATTERNS = [
     "LICENSE*", "README.md",
 ]
 _HASH_CHUNK = 8 << 20
+READ_ROWS = 16384  # rows of a large matrix read at a time, so that its fp32 copy never exists whole
+
+
+def row_blocks(read, name: str, n: int, step: int = READ_ROWS):
+    """``(start, rows)`` over the `n` rows of tensor `name`, read `step` rows at a time with
+    ``read(name, rows=slice)`` (a source's ``tensor``)."""
+    for start in range(0, n, step):
+        yield start, read(name, rows=slice(start, min(start + step, n)))
 
 
 class SourceError(QwenEdgeError):
@@ -200,8 +208,8 @@ class Source(ABC):
         """Hugging Face names of the tensors this source holds."""
 
     @abstractmethod
-    def tensor(self, name: str, rows: int | None = None) -> np.ndarray:
-        """One tensor as a float32 array, read on demand (only its first `rows` rows if given)."""
+    def tensor(self, name: str, rows: slice | None = None) -> np.ndarray:
+        """One tensor as a float32 array, read on demand (only the rows `rows` selects, if given)."""
 
     @abstractmethod
     def weight_files(self) -> list[Path]:
@@ -333,14 +341,14 @@ class HFSource(Source):
     def has_tensor(self, name: str) -> bool:
         return name in self._where
 
-    def tensor(self, name: str, rows: int | None = None) -> np.ndarray:
+    def tensor(self, name: str, rows: slice | None = None) -> np.ndarray:
         from safetensors import safe_open
 
         if name not in self._where:
             raise self._missing(name)
         with safe_open(str(self._where[name]), framework="pt") as st:
             if rows is not None:  # only those rows' pages of the mapped file are touched
-                return st.get_slice(name)[:rows].float().numpy()
+                return st.get_slice(name)[rows].float().numpy()
             return st.get_tensor(name).float().numpy()
 
     def weight_files(self) -> list[Path]:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from edge.config import UnsupportedModelError
-from edge.sources import SourceError, file_sha256, open_source, write_hf_directory
+from edge.sources import SourceError, file_sha256, open_source, row_blocks, write_hf_directory
 
 VARIANTS = [("qwen2", False), ("qwen2", True), ("qwen3", True), ("qwen3", False)]
 
@@ -31,9 +31,12 @@ def test_hf_dir_and_f32_gguf_agree(tiny_model, tiny_gguf, family, tied):
         a, b = hf.tensor(name), gg.tensor(name)
         assert a.dtype == np.float32 and b.dtype == np.float32
         np.testing.assert_array_equal(a, b, err_msg=name)
-    name = "model.embed_tokens.weight"  # the first rows only
+    name = "model.embed_tokens.weight"  # some rows only
     for src in (hf, gg):
-        np.testing.assert_array_equal(src.tensor(name, rows=70), hf.tensor(name)[:70])
+        np.testing.assert_array_equal(src.tensor(name, rows=slice(0, 70)), hf.tensor(name)[:70])
+        np.testing.assert_array_equal(src.tensor(name, rows=slice(550, 700)), hf.tensor(name)[550:])
+        np.testing.assert_array_equal(np.concatenate([r for _, r in row_blocks(src.tensor, name, 600, 256)]),
+                                      hf.tensor(name))
 
 
 def test_tensor_layout_is_hf_out_in(tiny_qwen3_untied):
