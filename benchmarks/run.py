@@ -227,7 +227,10 @@ def _recipe_path(system: str, spec: dict, model: str) -> Path:
     data = yaml.safe_load(path.read_text())
     data["name"] = system.replace("qwen-edge", name, 1)
     if "method" in spec:
-        data.setdefault("precision", {})["method"] = spec["method"]
+        precision = data.setdefault("precision", {})
+        precision["method"] = spec["method"]
+        if spec["method"] not in ("mixed", "gptq"):  # int8_layers belongs to those two
+            precision.pop("int8_layers", None)
     data.setdefault("overrides", {}).update(spec.get("overrides", {}))
     out = CACHE / "recipes" / f"{data['name']}.yaml"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -114,3 +114,17 @@ def test_synthetic_shapes_match_qwen25_3b():
     assert tensors["model.layers.0.mlp.down_proj.weight"] == (2048, 11008)
     params = sum(math.prod(s) for s in tensors.values())
     assert 3.0e9 < params < 3.2e9  # Qwen2.5-3B: 3.09 B parameters
+
+
+def test_method_variant_systems_are_valid_recipes(tmp_path, monkeypatch):
+    from edge.recipe import load_recipe
+
+    run = _load("bench_run", ROOT / "benchmarks" / "run.py")
+    monkeypatch.setattr(run, "CACHE", tmp_path)
+    variants = [s for s, spec in run.SYSTEMS.items() if "method" in spec]
+    assert variants
+    for system in variants:
+        spec = run.SYSTEMS[system]
+        for model in spec["recipe"]:
+            recipe = load_recipe(str(run._recipe_path(system, spec, model)))
+            assert recipe.precision.method == spec["method"]
