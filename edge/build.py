@@ -43,7 +43,7 @@ def weight_plan(precision: Precision, config: QwenConfig) -> WeightPlan:
         n = 4 if bits == "int4" else 8
         # gptq stores the rtn layout; edge.gptq supplies the calibrated values.
         method = "rtn" if precision.method in ("mixed", "gptq") else precision.method
-        # Float zero points (hqq) exist only for 4-bit MatMulNBits; tables and 8-bit use rtn.
+        # onnxruntime's HQQ quantizer is 4-bit and for matrices; tables and 8-bit use rtn.
         if method == "hqq" and (table or n == 8):
             method = "rtn"
         return QuantSpec(n, precision.block_size, symmetric and method == "rtn", method)

@@ -167,9 +167,7 @@ class DecoderGraph:
                "scales": self._lazy(f"{key}.scales", np.dtype(scales_dtype), (n, kb), getter("scales")),
                "zp": None, "gather_zp": None}
         if "zp" in parts:
-            dtype, shape = ((np.float32, (n, kb)) if spec.method == "hqq"
-                            else (np.uint8, (n, -(-kb * spec.bits // 8))))
-            out["zp"] = self._lazy(f"{key}.zero_points", np.dtype(dtype), shape, getter("zp"))
+            out["zp"] = self._lazy(f"{key}.zero_points", np.dtype(np.uint8), (n, -(-kb * spec.bits // 8)), getter("zp"))
         if "gather_zp" in parts:
             out["gather_zp"] = self._lazy(f"{key}.gather_zero_points", np.dtype(np.uint8), (n, kb, 1), getter("gather_zp"))
         return out
@@ -348,8 +346,7 @@ class DecoderGraph:
             n = b - a
             zp = None
             if f"{i}.zp" in parts:
-                zp = (lazy(i, "zp", np.float32, (n, kb)) if spec.method == "hqq"
-                      else lazy(i, "zp", np.uint8, (n, -(-kb * spec.bits // 8))))
+                zp = lazy(i, "zp", np.uint8, (n, -(-kb * spec.bits // 8)))
             attrs = {"K": c.hidden_size, "N": n, "bits": spec.bits, "block_size": spec.block_size,
                      "accuracy_level": self.opts.accuracy_level}
             blobs = [lazy(i, "packed", np.uint8, (n, kb, spec.block_size * spec.bits // 8)),

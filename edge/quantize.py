@@ -9,7 +9,7 @@ Methods:
 - ``kquant``: per-block search over scales and offsets minimising a weighted squared error
   (onnxruntime's k-quant implementation); asymmetric.
 - ``hqq``: half-quadratic optimisation of the zero point under an lp-norm error
-  (onnxruntime's HQQ implementation); asymmetric, float zero points (MatMulNBits only).
+  (onnxruntime's HQQ implementation), rounded to integer zero points; asymmetric.
 """
 
 from __future__ import annotations
@@ -46,8 +46,7 @@ class BlockQuantized:
 
     packed: uint8 [N, k_blocks, block_size * bits / 8], low nibble first for 4 bits.
     scales: float32 [N, k_blocks].
-    zero_points: None (symmetric: implied 2**(bits-1)), uint8 packed [N, ceil(k_blocks * bits / 8)],
-    or float32 [N, k_blocks] (hqq).
+    zero_points: None (symmetric: implied 2**(bits-1)) or uint8 packed [N, ceil(k_blocks * bits / 8)].
     """
 
     packed: np.ndarray
@@ -73,10 +72,8 @@ class BlockQuantized:
         q = unpack(self.packed, self.bits).astype(np.float32)  # [N, kb, block]
         if self.zero_points is None:
             zp = np.float32(2 ** (self.bits - 1))
-        elif self.zero_points.dtype == np.uint8:
-            zp = self.zero_point_values()[:, :, None].astype(np.float32)
         else:
-            zp = self.zero_points[:, :, None]
+            zp = self.zero_point_values()[:, :, None].astype(np.float32)
         w = (q - zp) * self.scales[:, :, None]
         return w.reshape(self.n, -1)[:, : self.k]
 
@@ -180,5 +177,12 @@ def _hqq(w: np.ndarray, kb: int, spec: QuantSpec):
         torch.from_numpy(w), bits=spec.bits, group_size=spec.block_size, axis=1
     )
     n = w.shape[0]
-    q = q.numpy().reshape(n, kb, spec.block_size)
-    return pack(q, spec.bits), scale.numpy().reshape(n, kb), zero.numpy().reshape(n, kb).astype(np.float32)
+    scale = scale.numpy().reshape(n, kb).astype(np.float32)
+    # onnxruntime repacks MatMulNBits weights for its fast kernels only with integer zero points
+    # (float ones run a dequantize-every-call path, ~45x slower at decode): round the optimised zero
+    # points to the grid and requantize the block against them.
+    top = 2**spec.bits - 1
+    zero = np.clip(np.round(zero.numpy().reshape(n, kb)), 0, top)
+    _, blocks = _blocks(w, spec.block_size)
+    q = np.clip(np.round(blocks.reshape(n, kb, spec.block_size) / scale[:, :, None] + zero[:, :, None]), 0, top)
+    return pack(q, spec.bits), scale, pack(zero, spec.bits)

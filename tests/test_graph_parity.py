@@ -246,3 +246,10 @@ def test_lm_head_int8_rows_must_leave_int4_rows():
     config = QwenConfig.from_hf(hf_config("qwen2", False, 600, 0, 1).to_dict())
     with pytest.raises(QwenEdgeError, match="covers the whole 600-token vocabulary; use lm_head: int8"):
         weight_plan(Precision(lm_head_int8_rows=600), config)
+
+
+def test_hqq_zero_points_are_integers_so_onnxruntime_repacks_the_weights(tiny_artifact):
+    model = onnx.load(str(tiny_artifact("qwen2", weights="int4", method="hqq") / "model.onnx"), load_external_data=False)
+    types = {i.name: i.data_type for i in model.graph.initializer}
+    zero_points = [n.input[3] for n in model.graph.node if n.op_type == "MatMulNBits" and len(n.input) > 3 and n.input[3]]
+    assert zero_points and all(types[z] == onnx.TensorProto.UINT8 for z in zero_points)
