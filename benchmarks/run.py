@@ -218,7 +218,7 @@ def measure_build(cmd: list, log_path: Path, rss_cap_mb: float | None = None) ->
 
 
 def _recipe_path(system: str, spec: dict, model: str) -> Path:
-    from edge.recipe import recipes_dir
+    from edge.recipe import INT8_LAYER_METHODS, recipes_dir
 
     name = spec["recipe"][model]
     path = recipes_dir() / f"{name}.yaml"
@@ -229,7 +229,7 @@ def _recipe_path(system: str, spec: dict, model: str) -> Path:
     if "method" in spec:
         precision = data.setdefault("precision", {})
         precision["method"] = spec["method"]
-        if spec["method"] not in ("mixed", "gptq"):  # int8_layers belongs to those two
+        if spec["method"] not in INT8_LAYER_METHODS:
             precision.pop("int8_layers", None)
     data.setdefault("overrides", {}).update(spec.get("overrides", {}))
     out = CACHE / "recipes" / f"{data['name']}.yaml"

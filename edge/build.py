@@ -16,7 +16,7 @@ from tqdm import tqdm
 from edge.config import QwenConfig
 from edge.graph import DecoderGraph, GraphOptions, WeightPlan
 from edge.quantize import QuantSpec
-from edge.recipe import Precision, Profile, Recipe, RecipeError, recipe_profile
+from edge.recipe import INT8_LAYER_METHODS, Precision, Profile, Recipe, RecipeError, recipe_profile
 from qwen_edge.errors import QwenEdgeError
 
 ALIGNMENT = 4096  # external data aligned for memory mapping
@@ -42,7 +42,7 @@ def weight_plan(precision: Precision, config: QwenConfig) -> WeightPlan:
             return bits
         n = 4 if bits == "int4" else 8
         # gptq stores the rtn layout; edge.gptq supplies the calibrated values.
-        method = "rtn" if precision.method in ("mixed", "gptq") else precision.method
+        method = "rtn" if precision.method in INT8_LAYER_METHODS else precision.method
         # onnxruntime's HQQ quantizer is 4-bit and for matrices; tables and 8-bit use rtn.
         if method == "hqq" and (table or n == 8):
             method = "rtn"
@@ -52,7 +52,7 @@ def weight_plan(precision: Precision, config: QwenConfig) -> WeightPlan:
         raise RecipeError(f"precision lm_head_int8_rows {precision.lm_head_int8_rows} covers the whole "
                           f"{config.vocab_size}-token vocabulary; use lm_head: int8 instead")
     overrides = ()
-    if precision.method in ("mixed", "gptq"):
+    if precision.method in INT8_LAYER_METHODS:
         names = [f"model.layers.{i}.{part}.weight" for i in range(config.num_layers) for part in LINEAR_PARTS]
         # int8 is near-lossless symmetric; zero points would only add bytes.
         overrides = tuple((n, storage("int8", symmetric=True)) for n in names if precision.bits_for(n) == "int8")

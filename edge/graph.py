@@ -28,7 +28,6 @@ INT64_MAX = np.iinfo(np.int64).max
 # A quantized lm_head is emitted as row slices of at most this many rows, concatenated: onnxruntime
 # repacks each MatMulNBits weight at load, and one 150k-row matrix would briefly exist twice.
 LM_HEAD_SLICE_ROWS = 32768
-_BLOB_NAMES = {"packed": "qweight", "scales": "scales", "zp": "zero_points"}
 
 
 @dataclass(frozen=True)
@@ -141,12 +140,17 @@ class DecoderGraph:
         return w if storage == "fp32" else self._op("Cast", [w], {"to": ir.DataType.FLOAT})
 
     def _quantized(self, key: str, names: list[str], n: int, k: int, spec: QuantSpec,
-                   gather: bool = False, matmul: bool = True, scales_dtype=np.float32) -> dict[str, ir.Value | None]:
+                   gather: bool = False, matmul: bool = True, scales_dtype=np.float32,
+                   rows: slice | None = None, calibrated: str | None = None) -> dict[str, ir.Value | None]:
         """Lazy blobs for the rows of `names`: packed weights and scales, plus zero points in the
         MatMulNBits layout (`zp`, [N, ceil(kb*bits/8)]) and/or the GatherBlockQuantized one
         (`gather_zp`, [N, kb, 1], one value per byte), computed once whichever is written first.
         MatMulNBits takes float32 scales with float32 activations; GatherBlockQuantized alone may
-        take float16 ones (its output then has that type)."""
+        take float16 ones (its output then has that type).
+
+        Supplied blobs are looked up by `key`; with `rows` (a slice of the single matrix
+        ``names[0]``) they are those rows of the supplied blobs `calibrated`, or quantized from the
+        source when `calibrated` is None."""
         kb = -(-k // spec.block_size)
         blob = spec.block_size * spec.bits // 8
         asym = not spec.symmetric or spec.method != "rtn"
@@ -154,7 +158,12 @@ class DecoderGraph:
         parts = ("packed", "scales") + zp_parts
 
         def compute() -> dict:
-            q = self.supplied(key) or self._read_quantized(names, n, spec)
+            if rows is None:
+                q = self.supplied(key)
+            else:
+                q = self.supplied(calibrated) if calibrated else None
+                q = q.rows(rows.start, rows.stop) if q is not None else None
+            q = q or self._read_quantized(names, n, spec, rows)
             values = {"packed": q.packed, "scales": q.scales.astype(scales_dtype), "zp": q.zero_points}
             if "gather_zp" in parts:
                 values["gather_zp"] = q.zero_point_values()[:, :, None]
@@ -172,17 +181,21 @@ class DecoderGraph:
             out["gather_zp"] = self._lazy(f"{key}.gather_zero_points", np.dtype(np.uint8), (n, kb, 1), getter("gather_zp"))
         return out
 
-    def _read_quantized(self, names: list[str], n: int, spec: QuantSpec) -> BlockQuantized:
-        """quantize() of the rows of `names`; a single matrix is read and quantized in row blocks."""
+    def _read_quantized(self, names: list[str], n: int, spec: QuantSpec, rows: slice | None = None) -> BlockQuantized:
+        """quantize() of the `n` rows of `names` (from ``rows.start`` of a single matrix); a single
+        matrix is read and quantized in row blocks."""
         if len(names) > 1:
             return quantize(self._read_rows(names), spec)
-        return BlockQuantized.concat([quantize(rows, spec) for _, rows in row_blocks(self.read, names[0], n)])
+        start = rows.start if rows is not None else 0
+        return BlockQuantized.concat([quantize(block, spec)
+                                      for _, block in row_blocks(self.read, names[0], start + n, start=start)])
 
-    def _linear(self, x: ir.Value, key: str, names: list[str], n: int, k: int, storage, bias: ir.Value | None = None):
+    def _linear(self, x: ir.Value, key: str, names: list[str], n: int, k: int, storage, bias: ir.Value | None = None,
+                rows: slice | None = None, calibrated: str | None = None):
         if isinstance(storage, str):
             y = self._op("MatMul", [x, self._float_weight(key, names, n, k, storage)])
             return self._op("Add", [y, bias]) if bias is not None else y
-        q = self._quantized(key, names, n, k, storage)
+        q = self._quantized(key, names, n, k, storage, rows=rows, calibrated=calibrated)
         attrs = {"K": k, "N": n, "bits": storage.bits, "block_size": storage.block_size,
                  "accuracy_level": self.opts.accuracy_level}
         return self._op("MatMulNBits", [x, q["packed"], q["scales"], q["zp"], None, bias], attrs, domain=MS,
@@ -318,40 +331,10 @@ class DecoderGraph:
         bounds = [head + rest * i // count for i in range(count + 1)]
         int8 = QuantSpec(8, storage.block_size, symmetric=True)  # near-lossless; no zero points
         slices = ([(0, head, int8)] if head else []) + [(a, b, storage) for a, b in zip(bounds, bounds[1:])]
-        kb = -(-c.hidden_size // storage.block_size)
-        asym = not storage.symmetric or storage.method != "rtn"
-        parts = tuple(f"{i}.{what}" for i, (_, _, spec) in enumerate(slices)
-                      for what in (("packed", "scales") + (("zp",) if spec is storage and asym else ())))
-
-        def compute() -> dict:
-            supplied = self.supplied("lm_head")  # calibrated blobs leave only the int8 rows to read
-            values = {}
-            for i, (a, b, spec) in enumerate(slices):
-                if spec is storage and supplied is not None:
-                    q = supplied.rows(a, b)
-                else:
-                    q = quantize(self.read(name, rows=slice(a, b)), spec)
-                values.update({f"{i}.packed": q.packed, f"{i}.scales": q.scales, f"{i}.zp": q.zero_points})
-            return values
-
-        def key(i: int) -> str:
-            return "lm_head" if len(slices) == 1 else f"lm_head.{i}"
-
-        def lazy(i: int, what: str, dtype, shape):
-            return self._lazy(f"{key(i)}.{_BLOB_NAMES[what]}", np.dtype(dtype), shape,
-                              lambda: self.memo.part("lm_head", parts, compute, f"{i}.{what}"))
-
-        logits = []
-        for i, (a, b, spec) in enumerate(slices):
-            n = b - a
-            zp = None
-            if f"{i}.zp" in parts:
-                zp = lazy(i, "zp", np.uint8, (n, -(-kb * spec.bits // 8)))
-            attrs = {"K": c.hidden_size, "N": n, "bits": spec.bits, "block_size": spec.block_size,
-                     "accuracy_level": self.opts.accuracy_level}
-            blobs = [lazy(i, "packed", np.uint8, (n, kb, spec.block_size * spec.bits // 8)),
-                     lazy(i, "scales", np.float32, (n, kb)), zp]
-            logits.append(self._op("MatMulNBits", [x, *blobs], attrs, domain=MS, name=f"/{key(i)}/MatMulNBits"))
+        # calibrated lm_head blobs (GPTQ) hold every row at `storage`: the int8 rows come from the source
+        logits = [self._linear(x, "lm_head" if len(slices) == 1 else f"lm_head.{i}", [name], b - a, c.hidden_size,
+                               spec, rows=slice(a, b), calibrated="lm_head" if spec is storage else None)
+                  for i, (a, b, spec) in enumerate(slices)]
         return logits[0] if len(logits) == 1 else self._op("Concat", logits, {"axis": -1}, name="/lm_head/Concat")
 
     # ----- the whole model -----------------------------------------------------------------

@@ -140,7 +140,7 @@ def _quantize_rows(w: np.ndarray, spec: QuantSpec):
         zp = zp.reshape(w.shape[0], kb)
         zp_packed = pack(zp, spec.bits) if spec.bits == 4 else zp
         return pack(q, spec.bits), scale.reshape(w.shape[0], kb).astype(np.float32), zp_packed
-    return _hqq(w, kb, spec)
+    return _hqq(w, kb, blocks, spec)
 
 
 def _blocks(w: np.ndarray, block: int) -> tuple[int, np.ndarray]:
@@ -168,7 +168,7 @@ def _rtn(w: np.ndarray, spec: QuantSpec):
     return packed, scales, None if spec.symmetric else zp
 
 
-def _hqq(w: np.ndarray, kb: int, spec: QuantSpec):
+def _hqq(w: np.ndarray, kb: int, blocks: np.ndarray, spec: QuantSpec):
     import torch
     from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig, HQQWeightOnlyQuantizer
 
@@ -183,6 +183,5 @@ def _hqq(w: np.ndarray, kb: int, spec: QuantSpec):
     # points to the grid and requantize the block against them.
     top = 2**spec.bits - 1
     zero = np.clip(np.round(zero.numpy().reshape(n, kb)), 0, top)
-    _, blocks = _blocks(w, spec.block_size)
     q = np.clip(np.round(blocks.reshape(n, kb, spec.block_size) / scale[:, :, None] + zero[:, :, None]), 0, top)
     return pack(q, spec.bits), scale, pack(zero, spec.bits)

@@ -57,6 +57,8 @@ from qwen_edge.errors import QwenEdgeError
 Bits = Literal["int4", "int8", "fp16", "fp32"]
 TableBits = Literal["int4", "int8", "fp32", "same"]
 
+# The methods that take int8_layers (rtn storage with chosen tensors in int8).
+INT8_LAYER_METHODS = ("mixed", "gptq")
 # Every layer's value projection and MLP down projection: the tensors int4 hurts most in Qwen decoders.
 DEFAULT_INT8_LAYERS = ("model.layers.*.self_attn.v_proj.weight", "model.layers.*.mlp.down_proj.weight")
 
@@ -91,7 +93,7 @@ class Precision(_Strict):
 
     @model_validator(mode="after")
     def _mixed_policy(self) -> "Precision":
-        if self.int8_layers is not None and self.method not in ("mixed", "gptq"):
+        if self.int8_layers is not None and self.method not in INT8_LAYER_METHODS:
             raise ValueError("int8_layers is only used with method 'mixed' or 'gptq'")
         if self.method == "gptq" and self.weights not in ("int4", "int8"):
             raise ValueError("method 'gptq' needs weights 'int4' or 'int8'")
@@ -105,7 +107,7 @@ class Precision(_Strict):
 
     def bits_for(self, tensor_name: str) -> str:
         """Precision of one linear weight by its HF name (``int8_layers`` applies to 'mixed' and 'gptq')."""
-        if self.method in ("mixed", "gptq") and self.weights == "int4":
+        if self.method in INT8_LAYER_METHODS and self.weights == "int4":
             default = DEFAULT_INT8_LAYERS if self.method == "mixed" else ()
             patterns = self.int8_layers if self.int8_layers is not None else default
             if any(fnmatch.fnmatchcase(tensor_name, p) for p in patterns):
@@ -367,10 +369,11 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     recipe = recipe.model_copy(update={"precision": precision})
     if precision.method == "dynamic" and recipe.backend != "optimum":
         raise RecipeError(f"{path}: precision method 'dynamic' is Optimum's int8 preset; use it with backend: optimum")
-    if precision.lm_head_int8_rows and (recipe.backend != "native" or recipe_profile(recipe).graph == "static"):
+    profile = recipe_profile(recipe)
+    if precision.lm_head_int8_rows and (recipe.backend != "native" or profile.graph == "static"):
         raise RecipeError(f"{path}: precision lm_head_int8_rows is a layout of qwen-edge's CPU graph; drop it "
                           "(or use backend native with a CPU profile)")
-    problem = _static_problem(recipe, recipe_profile(recipe))
+    problem = _static_problem(recipe, profile)
     if problem:
         raise RecipeError(f"{path}: {problem}")
     return recipe

@@ -33,11 +33,11 @@ _HASH_CHUNK = 8 << 20
 READ_ROWS = 16384  # rows of a large matrix read at a time, so that its fp32 copy never exists whole
 
 
-def row_blocks(read, name: str, n: int, step: int = READ_ROWS):
-    """``(start, rows)`` over the `n` rows of tensor `name`, read `step` rows at a time with
+def row_blocks(read, name: str, stop: int, step: int = READ_ROWS, *, start: int = 0):
+    """``(first row, rows)`` over rows [start, stop) of tensor `name`, read `step` rows at a time with
     ``read(name, rows=slice)`` (a source's ``tensor``)."""
-    for start in range(0, n, step):
-        yield start, read(name, rows=slice(start, min(start + step, n)))
+    for first in range(start, stop, step):
+        yield first, read(name, rows=slice(first, min(first + step, stop)))
 
 
 class SourceError(QwenEdgeError):

@@ -13,7 +13,8 @@ from edge.quantize import QuantSpec, quantize, unpack
 from edge.recipe import DEFAULT_INT8_LAYERS, Precision
 from edge.sources import open_source
 from qwen_edge.errors import QwenEdgeError
-from test_graph_parity import IDS, PREFILL, _dequantize_like_the_graph, build_tiny, cached_steps, prefill_all, session
+from test_graph_parity import (IDS, PREFILL, _dequantize_like_the_graph, _lm_head_like_the_graph, build_tiny, cached_steps,
+                               prefill_all, session)
 
 TOKENS, SEQ_LEN = 512, 128
 
@@ -156,11 +157,8 @@ def _gptq_reference(model_dir, tmp_path, precision: dict):
     with torch.no_grad():
         head = result("lm_head")
         if head is not None:  # the build calibrates lm_head when it has its own blobs
-            deq = head.dequantize()
-            rows = precision.get("lm_head_int8_rows", 0)  # ... and replaces its first rows by int8 rtn
-            if rows:
-                name = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
-                deq[:rows] = quantize(source.tensor(name)[:rows], QuantSpec(8, head.block_size)).dequantize()
+            name = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+            deq = _lm_head_like_the_graph(source.tensor(name), weight_plan(Precision(**precision), cfg), head)
             model.lm_head.weight = torch.nn.Parameter(torch.from_numpy(deq))
         for i in range(cfg.num_layers):
             for suffix, parts in gptq.GROUPS.values():

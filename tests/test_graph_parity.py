@@ -64,9 +64,10 @@ def _dequantize_like_the_graph(model, precision: Precision) -> None:
             model.lm_head.weight = torch.nn.Parameter(torch.from_numpy(_lm_head_like_the_graph(original_embedding, plan)))
 
 
-def _lm_head_like_the_graph(weight: np.ndarray, plan) -> np.ndarray:
-    """lm_head dequantized: its first `lm_head_int8_rows` rows symmetric int8, the rest with its own spec."""
-    deq = quantize(weight.copy(), plan.lm_head).dequantize()
+def _lm_head_like_the_graph(weight: np.ndarray, plan, quantized=None) -> np.ndarray:
+    """lm_head dequantized as the graph stores it: its first `lm_head_int8_rows` rows symmetric int8, the rest
+    from `quantized` (blobs supplied to the build) or quantized with its own spec."""
+    deq = (quantized or quantize(weight.copy(), plan.lm_head)).dequantize()
     head = plan.lm_head_int8_rows
     if head:
         deq[:head] = quantize(weight[:head].copy(), QuantSpec(8, plan.lm_head.block_size)).dequantize()
