@@ -1,14 +1,29 @@
 #!/usr/bin/env bash
-# Create a virtual environment with qwen-edge installed editable (CPU torch pinned to 2.13.0).
-#   scripts/setup.sh [EXTRAS] [VENV]   default: build,test into .venv
-# optimum-onnx pins transformers <4.58, so the [optimum] extra goes into its own venv
-# (scripts/test.sh uses .venv-optimum for it).
+# Create (or bring up to date) a virtual environment from a checked-in lock and install qwen-edge
+# into it editable.
+#   scripts/setup.sh [LOCK] [VENV]   LOCK: dev (default; [build,test,olive,qnn] into .venv) or
+#                                    optimum ([build,test,optimum] into .venv-optimum)
+# Every package, pip and the build backend included, comes from requirements/LOCK.txt with its
+# sha256 (pip --require-hashes); re-resolve with scripts/lock.sh. A venv whose stamp matches its
+# lock is left as it is.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-extras="${1:-build,test}"
-venv="${2:-.venv}"
-if [ ! -x "$venv/bin/python" ]; then
-  python3 -m venv "$venv"
+lock="${1:-dev}"
+req="requirements/$lock.txt"
+if [ ! -f "$req" ]; then
+  echo "setup.sh: no lock $req (one of: $(cd requirements && ls *.txt | grep -v lock-tools | sed 's/\.txt$//' | tr '\n' ' '))" >&2
+  exit 2
 fi
-"$venv/bin/python" -m pip install -q --upgrade pip
-"$venv/bin/python" -m pip install -q -e ".[$extras]"
+case "$lock" in optimum) default_venv=.venv-optimum ;; *) default_venv=.venv ;; esac
+venv="${2:-$default_venv}"
+stamp="$venv/.lock.sha256"
+want="$(cat "$req" pyproject.toml | sha256sum | cut -d' ' -f1)"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$venv/bin/python" ]; then
+  exit 0
+fi
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+echo "setup.sh: installing $req into $venv" >&2
+"$venv/bin/python" -m pip install -q --require-hashes --no-deps -r "$req"
+"$venv/bin/python" -m pip install -q --no-deps --no-build-isolation -e .
+"$venv/bin/python" -m pip check >/dev/null
+echo "$want" > "$stamp"

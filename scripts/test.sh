@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# Set up and run the default test suites; extra arguments go to pytest in .venv only (e.g. -m real_model,
+# Set up (from the locks in requirements/) and run the default test suites; extra arguments go to pytest in .venv only (e.g. -m real_model,
 # which runs only the Python real-model tests).
 # Without arguments: the JavaScript runtime's tests, the Python suite in .venv (with the Olive and QNN
 # extras), then the Optimum backend's tests in .venv-optimum (optimum-onnx needs transformers <4.58).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh build,test,olive,qnn .venv
+bash scripts/setup.sh dev
 if [ "$#" -gt 0 ]; then
   exec .venv/bin/python -m pytest -q "$@"
 fi
 (cd runtimes/js && npm ci --no-audit --no-fund --loglevel=error && QWEN_EDGE_PYTHON="$PWD/../../.venv/bin/python" npm test)
 .venv/bin/python -m pytest -q
-bash scripts/setup.sh build,test,optimum .venv-optimum
+bash scripts/setup.sh optimum
 exec .venv-optimum/bin/python -m pytest -q tests/test_backend_optimum.py

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Create (or bring up to date) the benchmark anchor venv benchmarks/envs/NAME from NAME.txt.
-# Idempotent: a venv whose stamp matches its requirements file is left as it is.
+# Create (or bring up to date) the benchmark anchor venv benchmarks/envs/NAME from its lock NAME.txt
+# (compiled from NAME.in by scripts/lock.sh; every package with its sha256).
+# Idempotent: a venv whose stamp matches its lock is left as it is.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 name="${1:-}"
 req="$here/$name.txt"
 if [[ -z "$name" || ! -f "$req" ]]; then
-  echo "usage: $0 NAME   (NAME is one of: $(cd "$here" && ls *.txt | sed 's/\.txt$//' | tr '\n' ' '))" >&2
+  echo "usage: $0 NAME   (NAME is one of: $(cd "$here" && ls *.in | sed 's/\.in$//' | tr '\n' ' '))" >&2
   exit 2
 fi
 venv="$here/$name"
@@ -17,8 +18,13 @@ if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" && -x "$venv/bin/python" ]]; t
   exit 0
 fi
 [[ -x "$venv/bin/python" ]] || python3 -m venv "$venv"
-"$venv/bin/python" -m pip install --upgrade pip >/dev/null
+# llama.cpp's native build (-march=native) segfaults in ggml's AMX matmul on Intel CPUs with AMX:
+# build for AVX2/AVX-512 (VNNI, BF16) explicitly with every AMX kernel off.
+if [[ "$name" == llamacpp && -z "${CMAKE_ARGS:-}" ]]; then
+  export CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
+fi
 CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" \
-  "$venv/bin/python" -m pip install -r "$req"
+  "$venv/bin/python" -m pip install --require-hashes -r "$req"
+[[ "$name" == llamacpp ]] && echo "$CMAKE_ARGS" > "$venv/.cmake_args"
 echo "$want" > "$stamp"
 echo "$venv ready"
