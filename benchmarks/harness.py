@@ -24,7 +24,7 @@ def interleave(systems: Sequence[str], scenarios: Sequence[str], reps: int) -> l
 
 
 def combine_fidelity(per_text: Mapping[str, tuple[Mapping[str, float], int]]) -> dict:
-    """Token-weighted overall metrics from {name: (edge.fidelity.compare result, positions)}.
+    """Token-weighted overall metrics from {name: (edge.check.fidelity.compare result, positions)}.
 
     Top-1 and KL are per-position means (weight: positions); perplexity is exp of the mean next-token
     NLL (weight: positions - 1 targets).
@@ -62,15 +62,25 @@ TARGETS = (
 )
 
 
-def evaluate_targets(rows: Mapping[str, Mapping[str, float | None]], ours: str,
-                     anchors: Mapping[str, str | None]) -> list[dict]:
+def evaluate_targets(
+    rows: Mapping[str, Mapping[str, float | None]], ours: str, anchors: Mapping[str, str | None]
+) -> list[dict]:
     """Each target as {key, target, ours, theirs, ratio, met}; `anchors` maps a group to the system
     measured for it in this run (None: not in the run, so the target is reported as not measured)."""
     out = []
     mine = rows.get(ours, {})
     for key, text, metric, group, op, limit in TARGETS:
-        entry = {"key": key, "target": text, "system": ours, "group": group, "anchor": None, "ours": mine.get(metric),
-                 "theirs": None, "ratio": None, "met": None}
+        entry = {
+            "key": key,
+            "target": text,
+            "system": ours,
+            "group": group,
+            "anchor": None,
+            "ours": mine.get(metric),
+            "theirs": None,
+            "ratio": None,
+            "met": None,
+        }
         if op == "abs_ge":
             if entry["ours"] is not None:
                 entry["met"] = entry["ours"] >= limit
@@ -96,17 +106,25 @@ def _cell(value, digits: int = 1) -> str:
 
 
 COLUMNS = (  # (header, row key, digits)
-    ("artifact MB", "artifact_mb", 0), ("build s", "build_s", 0), ("build peak RSS MB", "build_peak_rss_mb", 0),
-    ("TTFT chat ms", "ttft_chat", 0), ("TTFT 512 ms", "ttft_512", 0), ("TTFT 1500 ms", "ttft_1500", 0),
-    ("prefill tok/s (512)", "prefill_512", 1), ("decode tok/s", "decode", 2), ("peak RSS MB", "rss_chat", 0),
-    ("top-1", "top1_agreement", 3), ("mean KL", "mean_kl", 4), ("ppl (ref)", "ppl", 2), ("greedy 32 match", "greedy_match", 2),
+    ("artifact MB", "artifact_mb", 0),
+    ("build s", "build_s", 0),
+    ("build peak RSS MB", "build_peak_rss_mb", 0),
+    ("TTFT chat ms", "ttft_chat", 0),
+    ("TTFT 512 ms", "ttft_512", 0),
+    ("TTFT 1500 ms", "ttft_1500", 0),
+    ("prefill tok/s (512)", "prefill_512", 1),
+    ("decode tok/s", "decode", 2),
+    ("peak RSS MB", "rss_chat", 0),
+    ("top-1", "top1_agreement", 3),
+    ("mean KL", "mean_kl", 4),
+    ("ppl (ref)", "ppl", 2),
+    ("greedy 32 match", "greedy_match", 2),
 )
 
 
 def render_table(rows: Mapping[str, Mapping]) -> str:
     """Markdown table, one row per system; speed cells show median (min–max) over repetitions."""
-    lines = ["| system | " + " | ".join(h for h, _, _ in COLUMNS) + " |",
-             "|---|" + "---:|" * len(COLUMNS)]
+    lines = ["| system | " + " | ".join(h for h, _, _ in COLUMNS) + " |", "|---|" + "---:|" * len(COLUMNS)]
     for name, row in rows.items():
         cells = []
         for _, key, digits in COLUMNS:

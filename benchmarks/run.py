@@ -56,11 +56,30 @@ BUILD_RSS_CAP_MB = 21_000  # a build past this is killed (and reported) before t
 SYSTEMS = {
     "qwen-edge-int4": {"kind": "qwen-edge", "recipe": {"0.5b": "demo", "1.5b": "qwen2.5-coder-1.5b-instruct-int4"}},
     # the same recipe pinned to one ONNX Runtime thread (on a machine whose cores other jobs keep busy)
-    "qwen-edge-int4-1t": {"kind": "qwen-edge", "recipe": {"0.5b": "demo", "1.5b": "qwen2.5-coder-1.5b-instruct-int4"}, "overrides": {"intra_op_num_threads": 1}},
-    "qwen-edge-int4-hqq": {"kind": "qwen-edge", "recipe": {"0.5b": "demo", "1.5b": "qwen2.5-coder-1.5b-instruct-int4"}, "method": "hqq"},
-    "qwen-edge-int4-kquant": {"kind": "qwen-edge", "recipe": {"0.5b": "demo", "1.5b": "qwen2.5-coder-1.5b-instruct-int4"}, "method": "kquant"},
-    "qwen-edge-int4-mixed": {"kind": "qwen-edge", "recipe": {"0.5b": "demo", "1.5b": "qwen2.5-coder-1.5b-instruct-int4"}, "method": "mixed"},
-    "qwen-edge-int8": {"kind": "qwen-edge", "recipe": {"0.5b": "qwen2.5-coder-0.5b-instruct-int8", "1.5b": "qwen2.5-coder-1.5b-instruct-int8"}},
+    "qwen-edge-int4-1t": {
+        "kind": "qwen-edge",
+        "recipe": {"0.5b": "demo", "1.5b": "qwen2.5-coder-1.5b-instruct-int4"},
+        "overrides": {"intra_op_num_threads": 1},
+    },
+    "qwen-edge-int4-hqq": {
+        "kind": "qwen-edge",
+        "recipe": {"0.5b": "demo", "1.5b": "qwen2.5-coder-1.5b-instruct-int4"},
+        "method": "hqq",
+    },
+    "qwen-edge-int4-kquant": {
+        "kind": "qwen-edge",
+        "recipe": {"0.5b": "demo", "1.5b": "qwen2.5-coder-1.5b-instruct-int4"},
+        "method": "kquant",
+    },
+    "qwen-edge-int4-mixed": {
+        "kind": "qwen-edge",
+        "recipe": {"0.5b": "demo", "1.5b": "qwen2.5-coder-1.5b-instruct-int4"},
+        "method": "mixed",
+    },
+    "qwen-edge-int8": {
+        "kind": "qwen-edge",
+        "recipe": {"0.5b": "qwen2.5-coder-0.5b-instruct-int8", "1.5b": "qwen2.5-coder-1.5b-instruct-int8"},
+    },
     # the demo model through the other recipe backends (Olive in this venv; Optimum in its own)
     "qwen-edge-olive-int4": {"kind": "qwen-edge", "recipe": {"0.5b": "demo-olive-int4"}},
     "qwen-edge-olive-int8": {"kind": "qwen-edge", "recipe": {"0.5b": "demo-olive-int8"}},
@@ -79,8 +98,13 @@ QUICK_SYSTEMS = ("qwen-edge-int4", "genai-int4")
 OURS = "qwen-edge-int4"
 ANCHOR_GROUPS = {"genai": ("genai-int4",), "llamacpp": ("llamacpp", "llamacpp-1t")}
 ENV_OF = {"genai": "genai", "llamacpp": "llamacpp", "optimum": "optimum"}
-SCRIPT_OF = {"genai": "genai.py", "llamacpp": "llamacpp.py", "optimum": "optimum_onnx.py",
-             "transformers": "transformers_fp32.py", "qwen-edge": "qwen_edge_anchor.py"}
+SCRIPT_OF = {
+    "genai": "genai.py",
+    "llamacpp": "llamacpp.py",
+    "optimum": "optimum_onnx.py",
+    "transformers": "transformers_fp32.py",
+    "qwen-edge": "qwen_edge_anchor.py",
+}
 
 
 class BenchError(Exception):
@@ -99,8 +123,9 @@ def _builder(spec: dict) -> Path:
     venv = Path(os.environ.get("QWEN_EDGE_OPTIMUM_VENV") or ROOT / ".venv-optimum")
     exe = venv / "bin" / "qwen-edge"
     if not exe.exists():
-        raise BenchError(f"{exe} is missing; run `bash scripts/setup.sh build,optimum .venv-optimum` "
-                         "or set QWEN_EDGE_OPTIMUM_VENV")
+        raise BenchError(
+            f"{exe} is missing; run `bash scripts/setup.sh build,optimum .venv-optimum` or set QWEN_EDGE_OPTIMUM_VENV"
+        )
     return exe
 
 
@@ -131,23 +156,26 @@ def _dir_mb(path: Path) -> float:
 
 def make_prompts(tokenizer) -> dict[str, list[int]]:
     """The chat prompt and code prompts of exactly LONG_PROMPTS tokens, keyed by their length."""
+
     def templated(user: str) -> list[int]:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True,
-                                             tokenize=False)
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": user}], add_generation_prompt=True, tokenize=False
+        )
         return tokenizer.encode(text, add_special_tokens=False)
 
     prompts = {}
     chat = templated(CHAT_PROMPT)
     prompts[str(len(chat))] = chat
     for n in LONG_PROMPTS:
-        prompts[str(n)] = common.code_prompt(templated, lambda text: tokenizer.encode(text, add_special_tokens=False),
-                                             tokenizer.decode, n)
+        prompts[str(n)] = common.code_prompt(
+            templated, lambda text: tokenizer.encode(text, add_special_tokens=False), tokenizer.decode, n
+        )
     return prompts
 
 
 def fidelity_inputs(tokenizer) -> tuple[dict, dict]:
     """({text name: ids}, {chat prompt id: ids}) from the shipped evaluation texts and chat prompts."""
-    from edge.fidelity import load_chat_prompts, load_eval_texts
+    from edge.check.fidelity import load_chat_prompts, load_eval_texts
 
     texts = {f"text:{k}": tokenizer.encode(v, add_special_tokens=False) for k, v in load_eval_texts().items()}
     chats = {}
@@ -168,8 +196,22 @@ def reference(model: str, paths: dict, texts: dict, chats: dict, work: Path) -> 
     ids_file.write_text(json.dumps(texts))
     prompts_file.write_text(json.dumps(chats))
     log(f"{model}: reference logits (transformers fp32)")
-    _run_json([MAIN_PY, ANCHORS / "transformers_fp32.py", "reference", "--model", paths["hf_dir"],
-               "--ids", ids_file, "--prompts", prompts_file, "--out", out], "reference")
+    _run_json(
+        [
+            MAIN_PY,
+            ANCHORS / "transformers_fp32.py",
+            "reference",
+            "--model",
+            paths["hf_dir"],
+            "--ids",
+            ids_file,
+            "--prompts",
+            prompts_file,
+            "--out",
+            out,
+        ],
+        "reference",
+    )
     return out
 
 
@@ -213,8 +255,14 @@ def measure_build(cmd: list, log_path: Path, rss_cap_mb: float | None = None) ->
                 pass
             time.sleep(0.1)
         seconds = time.perf_counter() - t0
-    return {"returncode": proc.returncode, "killed_at_rss_cap": rss_cap_mb if killed else None, "build_s": round(seconds, 1), "build_peak_rss_mb": round(peak / 2**20, 1),
-            "command": " ".join(shlex.quote(str(c)) for c in cmd), "loadavg_1m": round(os.getloadavg()[0], 2)}
+    return {
+        "returncode": proc.returncode,
+        "killed_at_rss_cap": rss_cap_mb if killed else None,
+        "build_s": round(seconds, 1),
+        "build_peak_rss_mb": round(peak / 2**20, 1),
+        "command": " ".join(shlex.quote(str(c)) for c in cmd),
+        "loadavg_1m": round(os.getloadavg()[0], 2),
+    }
 
 
 def _recipe_path(system: str, spec: dict, model: str) -> Path:
@@ -253,11 +301,19 @@ def ensure_artifact(system: str, model: str, paths: dict, work: Path) -> dict:
     if kind == "llamacpp":  # runs the original GGUF: nothing to build
         return {"path": str(paths["gguf"]), "artifact_mb": round(_dir_mb(paths["gguf"]), 1), "build": None}
     if kind == "transformers":
-        return {"path": str(paths["hf_dir"]), "artifact_mb": round(_dir_mb(paths["hf_dir"]) - _meta_mb(paths["hf_dir"]), 1),
-                "build": None}
+        return {
+            "path": str(paths["hf_dir"]),
+            "artifact_mb": round(_dir_mb(paths["hf_dir"]) - _meta_mb(paths["hf_dir"]), 1),
+            "build": None,
+        }
     recipe = _recipe_path(system, spec, model) if kind == "qwen-edge" else None
-    key = _sha(json.dumps(spec, sort_keys=True), model, _source_sha(paths), _code_hash(kind),
-               recipe.read_bytes() if recipe else b"")[:12]
+    key = _sha(
+        json.dumps(spec, sort_keys=True),
+        model,
+        _source_sha(paths),
+        _code_hash(kind),
+        recipe.read_bytes() if recipe else b"",
+    )[:12]
     base = CACHE / "artifacts" / f"{system}-{model}-{key}"
     art, record_path = base / "artifact", base / "build.json"
     if record_path.exists() and art.exists():
@@ -268,8 +324,18 @@ def ensure_artifact(system: str, model: str, paths: dict, work: Path) -> dict:
         if kind == "qwen-edge":
             cmd = [_builder(spec), "build", recipe, "--model", paths["hf_dir"], "--out", art, "--no-eval", "--quiet"]
         elif kind == "genai":
-            cmd = [_python(kind), ANCHORS / "genai.py", "build", "--input", paths["hf_dir"], "--output", art,
-                   "--precision", spec["precision"], "--quiet"]
+            cmd = [
+                _python(kind),
+                ANCHORS / "genai.py",
+                "build",
+                "--input",
+                paths["hf_dir"],
+                "--output",
+                art,
+                "--precision",
+                spec["precision"],
+                "--quiet",
+            ]
             if spec["extra"]:
                 cmd += ["--extra-options", *spec["extra"]]
         else:
@@ -280,8 +346,9 @@ def ensure_artifact(system: str, model: str, paths: dict, work: Path) -> dict:
         record = measure_build(cmd, base / "build.log", rss_cap_mb=BUILD_RSS_CAP_MB)
         if record["returncode"] != 0 or not art.exists():
             tail = (base / "build.log").read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
-            raise BenchError(f"building {system} for {model} failed ({record['returncode']}): {tail[0]}; "
-                             f"see {base / 'build.log'}")
+            raise BenchError(
+                f"building {system} for {model} failed ({record['returncode']}): {tail[0]}; see {base / 'build.log'}"
+            )
         if kind == "qwen-edge":
             record["manifest_build"] = json.loads((art / "manifest.json").read_text()).get("build")
         record_path.write_text(json.dumps(record, indent=2))
@@ -313,8 +380,21 @@ def measure_cmd(system: str, artifact: dict, prompts_file: Path, prompt_tokens: 
     kind = spec["kind"]
     if kind == "qwen-edge":
         return [QWEN_EDGE, "bench", artifact["path"], "-p", prompt_tokens, "-n", new_tokens, "-r", 1, "--json"]
-    cmd = [_python(kind), ANCHORS / SCRIPT_OF[kind], "run", "--model", artifact["path"], "--ids-file", prompts_file,
-           "--prompt-tokens", prompt_tokens, "--new-tokens", new_tokens, "--warmup-tokens", 2]
+    cmd = [
+        _python(kind),
+        ANCHORS / SCRIPT_OF[kind],
+        "run",
+        "--model",
+        artifact["path"],
+        "--ids-file",
+        prompts_file,
+        "--prompt-tokens",
+        prompt_tokens,
+        "--new-tokens",
+        new_tokens,
+        "--warmup-tokens",
+        2,
+    ]
     if kind == "llamacpp":
         cmd += ["--threads", spec["threads"]]
     return cmd
@@ -322,7 +402,7 @@ def measure_cmd(system: str, artifact: dict, prompts_file: Path, prompt_tokens: 
 
 def score(system: str, artifact: dict, texts: dict, chats: dict, ref_path: Path, work: Path) -> dict:
     """Fidelity of one system against the reference: overall top-1, KL, perplexity, greedy match."""
-    from edge.fidelity import compare
+    from edge.check.fidelity import compare
 
     kind = SYSTEMS[system]["kind"]
     with np.load(ref_path) as ref:
@@ -331,8 +411,17 @@ def score(system: str, artifact: dict, texts: dict, chats: dict, ref_path: Path,
         seqs.update({k: chats[k] + greedy[k][:-1] for k in chats if greedy[k]})
         ids_file, out = work / f"seq-{system}.json", work / f"logits-{system}.npz"
         ids_file.write_text(json.dumps(seqs))
-        cmd = [_python(kind), ANCHORS / SCRIPT_OF[kind], "logits", "--model", artifact["path"], "--ids", ids_file,
-               "--out", out]
+        cmd = [
+            _python(kind),
+            ANCHORS / SCRIPT_OF[kind],
+            "logits",
+            "--model",
+            artifact["path"],
+            "--ids",
+            ids_file,
+            "--out",
+            out,
+        ]
         log(f"fidelity of {system}")
         _run_json(cmd, f"logits of {system}")
         per_text, per_chat = {}, {}
@@ -342,13 +431,17 @@ def score(system: str, artifact: dict, texts: dict, chats: dict, ref_path: Path,
             for k in chats:
                 if not greedy[k]:
                     continue
-                argmax = art[k][len(chats[k]) - 1:].argmax(-1).tolist()
+                argmax = art[k][len(chats[k]) - 1 :].argmax(-1).tolist()
                 per_chat[k] = harness.greedy_prefix(argmax, greedy[k])
         out.unlink()
     overall = harness.combine_fidelity(per_text)
     ref_total = sum(len(greedy[k]) for k in per_chat)
-    return {**overall, "greedy_match": sum(per_chat.values()) / max(ref_total, 1),
-            "languages": {k.split(":", 1)[1]: m for k, (m, _) in per_text.items()}, "greedy": per_chat}
+    return {
+        **overall,
+        "greedy_match": sum(per_chat.values()) / max(ref_total, 1),
+        "languages": {k.split(":", 1)[1]: m for k, (m, _) in per_text.items()},
+        "greedy": per_chat,
+    }
 
 
 # -- the run --------------------------------------------------------------------------------------
@@ -356,29 +449,48 @@ def score(system: str, artifact: dict, texts: dict, chats: dict, ref_path: Path,
 
 def summarize(system: str, artifact: dict, runs: list[dict], scenarios: dict, fidelity: dict | None) -> dict:
     """One table row from a system's runs: spreads of each scenario's numbers, plus size, build, fidelity."""
+
     def pick(scenario, key):
-        return harness.spread(r["result"].get(key) for r in runs if r["system"] == system and r["scenario"] == scenario)
+        return harness.spread(
+            r["result"].get(key) for r in runs if r["system"] == system and r["scenario"] == scenario
+        )
 
     chat = next(k for k in scenarios if k.startswith("chat"))
-    row = {"artifact_mb": artifact["artifact_mb"], "build_s": None, "build_peak_rss_mb": None,
-           "ttft_chat": pick(chat, "ttft_ms"), "decode": pick(chat, "decode_tps"), "rss_chat": pick(chat, "peak_rss_mb"),
-           "ttft_512": pick("p512", "ttft_ms"), "prefill_512": pick("p512", "prefill_tps"),
-           "rss_512": pick("p512", "peak_rss_mb"), "ttft_1500": pick("p1500", "ttft_ms"),
-           "prefill_1500": pick("p1500", "prefill_tps")}
+    row = {
+        "artifact_mb": artifact["artifact_mb"],
+        "build_s": None,
+        "build_peak_rss_mb": None,
+        "ttft_chat": pick(chat, "ttft_ms"),
+        "decode": pick(chat, "decode_tps"),
+        "rss_chat": pick(chat, "peak_rss_mb"),
+        "ttft_512": pick("p512", "ttft_ms"),
+        "prefill_512": pick("p512", "prefill_tps"),
+        "rss_512": pick("p512", "peak_rss_mb"),
+        "ttft_1500": pick("p1500", "ttft_ms"),
+        "prefill_1500": pick("p1500", "prefill_tps"),
+    }
     if artifact["build"]:
         row.update(build_s=artifact["build"]["build_s"], build_peak_rss_mb=artifact["build"]["build_peak_rss_mb"])
     if fidelity:
-        row.update({k: fidelity[k] for k in ("top1_agreement", "mean_kl", "ppl_reference", "ppl_artifact", "greedy_match")})
+        row.update(
+            {k: fidelity[k] for k in ("top1_agreement", "mean_kl", "ppl_reference", "ppl_artifact", "greedy_match")}
+        )
     return row
 
 
 def target_metrics(row: dict) -> dict:
     """The scalar numbers the targets compare (medians of the spreads)."""
     med = lambda s: s["median"] if s else None  # noqa: E731
-    return {"decode_tps": med(row.get("decode")), "ttft_512_ms": med(row.get("ttft_512")),
-            "artifact_mb": row.get("artifact_mb"), "peak_rss_mb": med(row.get("rss_chat")),
-            "peak_rss_512_mb": med(row.get("rss_512")), "mean_kl": row.get("mean_kl"),
-            "top1_agreement": row.get("top1_agreement"), "build_peak_rss_mb": row.get("build_peak_rss_mb")}
+    return {
+        "decode_tps": med(row.get("decode")),
+        "ttft_512_ms": med(row.get("ttft_512")),
+        "artifact_mb": row.get("artifact_mb"),
+        "peak_rss_mb": med(row.get("rss_chat")),
+        "peak_rss_512_mb": med(row.get("rss_512")),
+        "mean_kl": row.get("mean_kl"),
+        "top1_agreement": row.get("top1_agreement"),
+        "build_peak_rss_mb": row.get("build_peak_rss_mb"),
+    }
 
 
 def run_model(model: str, systems: list[str], reps: int, nice: int, fidelity: bool, work: Path) -> dict:
@@ -390,7 +502,10 @@ def run_model(model: str, systems: list[str], reps: int, nice: int, fidelity: bo
     prompts_file = work / f"prompts-{model}.json"
     prompts_file.write_text(json.dumps(prompts))
     chat_len = next(iter(prompts))
-    scenarios = {f"chat{chat_len}": (int(chat_len), NEW_TOKENS), **{f"p{n}": (n, LONG_NEW_TOKENS) for n in LONG_PROMPTS}}
+    scenarios = {
+        f"chat{chat_len}": (int(chat_len), NEW_TOKENS),
+        **{f"p{n}": (n, LONG_NEW_TOKENS) for n in LONG_PROMPTS},
+    }
 
     artifacts = {s: ensure_artifact(s, model, paths, work) for s in systems}
     log(f"{model}: page-cache warm-up, one untimed process per system")
@@ -402,10 +517,20 @@ def run_model(model: str, systems: list[str], reps: int, nice: int, fidelity: bo
         p, n = scenarios[scenario]
         load_before = os.getloadavg()[0]
         result = _run_json(measure_cmd(system, artifacts[system], prompts_file, p, n), f"{system} {scenario}", nice)
-        runs.append({"rep": rep, "scenario": scenario, "system": system, "result": result,
-                     "loadavg_1m_before": round(load_before, 2), "loadavg_1m_after": round(os.getloadavg()[0], 2)})
-        log(f"{model} [{i}/{len(order)}] {system} {scenario}: ttft {result.get('ttft_ms')} ms, "
-            f"decode {result.get('decode_tps')} tok/s, rss {result.get('peak_rss_mb')} MB")
+        runs.append(
+            {
+                "rep": rep,
+                "scenario": scenario,
+                "system": system,
+                "result": result,
+                "loadavg_1m_before": round(load_before, 2),
+                "loadavg_1m_after": round(os.getloadavg()[0], 2),
+            }
+        )
+        log(
+            f"{model} [{i}/{len(order)}] {system} {scenario}: ttft {result.get('ttft_ms')} ms, "
+            f"decode {result.get('decode_tps')} tok/s, rss {result.get('peak_rss_mb')} MB"
+        )
 
     scores = {}
     if fidelity:
@@ -418,9 +543,17 @@ def run_model(model: str, systems: list[str], reps: int, nice: int, fidelity: bo
     anchors = {g: _best_anchor(rows, cands) for g, cands in ANCHOR_GROUPS.items()}
     metrics = {s: target_metrics(r) for s, r in rows.items()}
     targets = {s: harness.evaluate_targets(metrics, s, anchors) for s in rows if s.startswith(OURS)}
-    return {"model": model, "title": MODELS[model]["title"], "prompts": {k: len(v) for k, v in prompts.items()},
-            "scenarios": scenarios, "artifacts": artifacts, "runs": runs, "fidelity": scores, "rows": rows,
-            "targets": targets}
+    return {
+        "model": model,
+        "title": MODELS[model]["title"],
+        "prompts": {k: len(v) for k, v in prompts.items()},
+        "scenarios": scenarios,
+        "artifacts": artifacts,
+        "runs": runs,
+        "fidelity": scores,
+        "rows": rows,
+        "targets": targets,
+    }
 
 
 def _best_anchor(rows: dict, candidates: tuple) -> str | None:
@@ -428,14 +561,19 @@ def _best_anchor(rows: dict, candidates: tuple) -> str | None:
     present = [c for c in candidates if c in rows]
     if not present:
         return None
-    return max(present, key=lambda c: (target_metrics(rows[c])["decode_tps"] or 0))
+    return max(present, key=lambda c: target_metrics(rows[c])["decode_tps"] or 0)
 
 
 def machine() -> dict:
     import psutil
 
-    return {"host": platform.node(), "cpu": _cpu_name(), "cores": os.cpu_count(),
-            "memory_gib": round(psutil.virtual_memory().total / 2**30, 1), "python": platform.python_version()}
+    return {
+        "host": platform.node(),
+        "cpu": _cpu_name(),
+        "cores": os.cpu_count(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+    }
 
 
 def _cpu_name() -> str:
@@ -454,20 +592,30 @@ def write_outputs(result: dict) -> Path:
     stamp = result["date"].replace(":", "").replace("-", "")[:13]
     json_path = RESULTS / f"{stamp}-{result['machine']['host']}.json"
     json_path.write_text(json.dumps(result, indent=1, default=str))
-    md = ["# Benchmark results\n", f"- date: {result['date']}",
-          f"- machine: {result['machine']['cpu']}, {result['machine']['cores']} cores, "
-          f"{result['machine']['memory_gib']} GiB ({result['machine']['host']}, shared with other jobs)",
-          f"- command: `{result['command']}`",
-          f"- load average (1 min) over the measurements: {result['load']['min']:.2f}–{result['load']['max']:.2f} "
-          f"(median {result['load']['median']:.2f}); measurement processes ran at nice {result['nice']}",
-          f"- {result['reps']} repetitions per system and prompt, round-robin over the systems, each a fresh "
-          f"process; cells show median (min–max). Raw runs: `{json_path.name}`",
-          "- fidelity reference: transformers fp32 on the GGUF dequantized to fp32 (the weights reachable offline), "
-          "so llama.cpp, which runs those very Q4_K_M weights, is near-identical to it by construction", ""]
+    md = [
+        "# Benchmark results\n",
+        f"- date: {result['date']}",
+        f"- machine: {result['machine']['cpu']}, {result['machine']['cores']} cores, "
+        f"{result['machine']['memory_gib']} GiB ({result['machine']['host']}, shared with other jobs)",
+        f"- command: `{result['command']}`",
+        f"- load average (1 min) over the measurements: {result['load']['min']:.2f}–{result['load']['max']:.2f} "
+        f"(median {result['load']['median']:.2f}); measurement processes ran at nice {result['nice']}",
+        f"- {result['reps']} repetitions per system and prompt, round-robin over the systems, each a fresh "
+        f"process; cells show median (min–max). Raw runs: `{json_path.name}`",
+        "- fidelity reference: transformers fp32 on the GGUF dequantized to fp32 (the weights reachable offline), "
+        "so llama.cpp, which runs those very Q4_K_M weights, is near-identical to it by construction",
+        "",
+    ]
     for m in result["models"]:
-        md += [f"## {m['title']}", "", f"Prompts: {', '.join(f'{k} tokens' for k in m['prompts'])}; decode over "
-               f"{NEW_TOKENS} greedy tokens after the chat prompt; peak RSS while generating after the chat prompt.", "",
-               harness.render_table(m["rows"]), ""]
+        md += [
+            f"## {m['title']}",
+            "",
+            f"Prompts: {', '.join(f'{k} tokens' for k in m['prompts'])}; decode over "
+            f"{NEW_TOKENS} greedy tokens after the chat prompt; peak RSS while generating after the chat prompt.",
+            "",
+            harness.render_table(m["rows"]),
+            "",
+        ]
         for system, targets in m["targets"].items():
             md += [f"Targets ({system} vs the anchors in this run):", "", harness.render_targets(targets), ""]
         md += _plots(m)
@@ -482,8 +630,10 @@ def _plots(m: dict) -> list[str]:
     import matplotlib.pyplot as plt
 
     lines = []
-    for key, ylabel, fname in (("decode", "decode tok/s (median)", "decode_vs_size"),
-                               ("top1_agreement", "top-1 agreement vs fp32", "fidelity_vs_size")):
+    for key, ylabel, fname in (
+        ("decode", "decode tok/s (median)", "decode_vs_size"),
+        ("top1_agreement", "top-1 agreement vs fp32", "fidelity_vs_size"),
+    ):
         pts = []
         for s, row in m["rows"].items():
             y = row.get(key)
@@ -510,12 +660,18 @@ def _plots(m: dict) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="0.5B, qwen-edge demo recipe vs genai int4, 2 repetitions")
+    parser.add_argument(
+        "--quick", action="store_true", help="0.5B, qwen-edge demo recipe vs genai int4, 2 repetitions"
+    )
     parser.add_argument("--systems", help=f"comma-separated, from: {', '.join(SYSTEMS)}")
     parser.add_argument("--models", help=f"comma-separated, from: {', '.join(MODELS)}")
     parser.add_argument("--reps", type=int, help="measured repetitions per system and prompt (default 3; --quick 2)")
-    parser.add_argument("--nice", type=int, default=-15 if os.geteuid() == 0 else 0,
-                        help="niceness of the measurement processes (default -15 as root: a fair share on a busy machine)")
+    parser.add_argument(
+        "--nice",
+        type=int,
+        default=-15 if os.geteuid() == 0 else 0,
+        help="niceness of the measurement processes (default -15 as root: a fair share on a busy machine)",
+    )
     parser.add_argument("--no-fidelity", action="store_true", help="skip the fidelity comparison")
     parser.add_argument("--render", type=Path, help="only rewrite latest.md and the plots from a results JSON")
     args = parser.parse_args(argv)
@@ -538,22 +694,42 @@ def main(argv: list[str] | None = None) -> int:
                 if SYSTEMS[s]["kind"] == "qwen-edge" and m not in SYSTEMS[s]["recipe"]:
                     log(f"{s} has no recipe for {m}: skipped for that model")
     if bad or reps < 1:
-        print(f"error: unknown {', '.join(bad) or 'value'}; systems: {', '.join(SYSTEMS)}; models: "
-              f"{', '.join(MODELS)}; --reps must be >= 1", file=sys.stderr)
+        print(
+            f"error: unknown {', '.join(bad) or 'value'}; systems: {', '.join(SYSTEMS)}; models: "
+            f"{', '.join(MODELS)}; --reps must be >= 1",
+            file=sys.stderr,
+        )
         return 2
     work = CACHE / "work"
     work.mkdir(parents=True, exist_ok=True)
     started = dt.datetime.now().astimezone()
     try:
-        done = [run_model(m, [s for s in systems if SYSTEMS[s]["kind"] != "qwen-edge" or m in SYSTEMS[s]["recipe"]],
-                          reps, args.nice, not args.no_fidelity, work) for m in models]
+        done = [
+            run_model(
+                m,
+                [s for s in systems if SYSTEMS[s]["kind"] != "qwen-edge" or m in SYSTEMS[s]["recipe"]],
+                reps,
+                args.nice,
+                not args.no_fidelity,
+                work,
+            )
+            for m in models
+        ]
     except BenchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     loads = [x for m in done for r in m["runs"] for x in (r["loadavg_1m_before"], r["loadavg_1m_after"])]
-    result = {"date": started.isoformat(timespec="seconds"), "finished": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-              "machine": machine(), "command": "python benchmarks/run.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "nice": args.nice, "reps": reps, "systems": systems, "load": harness.spread(loads), "models": done}
+    result = {
+        "date": started.isoformat(timespec="seconds"),
+        "finished": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": machine(),
+        "command": "python benchmarks/run.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "nice": args.nice,
+        "reps": reps,
+        "systems": systems,
+        "load": harness.spread(loads),
+        "models": done,
+    }
     path = write_outputs(result)
     print((RESULTS / "latest.md").read_text())
     print(f"wrote {path} and {RESULTS / 'latest.md'}")

@@ -24,11 +24,25 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 CONFIG = {  # Qwen2.5-3B-Instruct's config.json shapes
-    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": 151936, "hidden_size": 2048,
-    "intermediate_size": 11008, "num_hidden_layers": 36, "num_attention_heads": 16, "num_key_value_heads": 2,
-    "hidden_act": "silu", "attention_bias": True, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0,
-    "max_position_embeddings": 32768, "use_sliding_window": False, "tie_word_embeddings": True,
-    "bos_token_id": 151643, "eos_token_id": 151645, "pad_token_id": 151643, "torch_dtype": "bfloat16",
+    "architectures": ["Qwen2ForCausalLM"],
+    "model_type": "qwen2",
+    "vocab_size": 151936,
+    "hidden_size": 2048,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 36,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 2,
+    "hidden_act": "silu",
+    "attention_bias": True,
+    "rms_norm_eps": 1e-06,
+    "rope_theta": 1000000.0,
+    "max_position_embeddings": 32768,
+    "use_sliding_window": False,
+    "tie_word_embeddings": True,
+    "bos_token_id": 151643,
+    "eos_token_id": 151645,
+    "pad_token_id": 151643,
+    "torch_dtype": "bfloat16",
 }
 LAYERS_PER_SHARD = 6
 OUT = HERE / ".cache" / "synthetic-3b"
@@ -43,17 +57,27 @@ def tensor_shapes(cfg: dict = CONFIG) -> dict[str, list[tuple[str, tuple[int, ..
     n = cfg["num_hidden_layers"]
     groups = [list(range(s, min(s + LAYERS_PER_SHARD, n))) for s in range(0, n, LAYERS_PER_SHARD)]
     total = len(groups) + 1
-    shards = {f"model-00001-of-{total:05d}.safetensors": [("model.embed_tokens.weight", (v, h)), ("model.norm.weight", (h,))]}
+    shards = {
+        f"model-00001-of-{total:05d}.safetensors": [("model.embed_tokens.weight", (v, h)), ("model.norm.weight", (h,))]
+    }
     for k, layers in enumerate(groups, 2):
         items = []
         for L in layers:
             p = f"model.layers.{L}."
-            items += [(p + "input_layernorm.weight", (h,)), (p + "post_attention_layernorm.weight", (h,)),
-                      (p + "self_attn.q_proj.weight", (h, h)), (p + "self_attn.q_proj.bias", (h,)),
-                      (p + "self_attn.k_proj.weight", (kv, h)), (p + "self_attn.k_proj.bias", (kv,)),
-                      (p + "self_attn.v_proj.weight", (kv, h)), (p + "self_attn.v_proj.bias", (kv,)),
-                      (p + "self_attn.o_proj.weight", (h, h)), (p + "mlp.gate_proj.weight", (i, h)),
-                      (p + "mlp.up_proj.weight", (i, h)), (p + "mlp.down_proj.weight", (h, i))]
+            items += [
+                (p + "input_layernorm.weight", (h,)),
+                (p + "post_attention_layernorm.weight", (h,)),
+                (p + "self_attn.q_proj.weight", (h, h)),
+                (p + "self_attn.q_proj.bias", (h,)),
+                (p + "self_attn.k_proj.weight", (kv, h)),
+                (p + "self_attn.k_proj.bias", (kv,)),
+                (p + "self_attn.v_proj.weight", (kv, h)),
+                (p + "self_attn.v_proj.bias", (kv,)),
+                (p + "self_attn.o_proj.weight", (h, h)),
+                (p + "mlp.gate_proj.weight", (i, h)),
+                (p + "mlp.up_proj.weight", (i, h)),
+                (p + "mlp.down_proj.weight", (h, i)),
+            ]
         shards[f"model-{k:05d}-of-{total:05d}.safetensors"] = items
     return shards
 
@@ -61,9 +85,8 @@ def tensor_shapes(cfg: dict = CONFIG) -> dict[str, list[tuple[str, tuple[int, ..
 def make(out: Path = OUT, seed: int = 0) -> Path:
     """Write the synthetic model (temp dir, renamed at the end); returns its directory. Cached."""
     import torch
-    from safetensors.torch import save_file
-
     from fixtures import ensure_model
+    from safetensors.torch import save_file
 
     if (out / "done.json").exists():
         return out
@@ -87,7 +110,8 @@ def make(out: Path = OUT, seed: int = 0) -> Path:
             del tensors
             print(f"wrote {fname}", file=sys.stderr, flush=True)
         (tmp / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1)
+        )
         (tmp / "config.json").write_text(json.dumps(CONFIG, indent=2) + "\n")
         for name in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copy(tokenizer_dir / name, tmp / name)
@@ -115,21 +139,44 @@ def bench(genai: bool, qwen_edge: bool, reps: int, nice: int) -> dict:
     src = make()
     work = runner.CACHE / "artifacts"
     work.mkdir(parents=True, exist_ok=True)
-    result = {"date": dt.datetime.now().astimezone().isoformat(timespec="seconds"), "machine": runner.machine(),
-              "source": str(src), "source_mb": round(runner._dir_mb(src), 1), "systems": {}}
+    result = {
+        "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": runner.machine(),
+        "source": str(src),
+        "source_mb": round(runner._dir_mb(src), 1),
+        "systems": {},
+    }
     builds = {}
     if qwen_edge:
-        builds["qwen-edge-int4"] = [runner.QWEN_EDGE, "build", "qwen2.5-3b-instruct-int4", "--model", src,
-                                    "--out", work / "synthetic-3b-qwen-edge-int4", "--no-eval", "--quiet"]
+        builds["qwen-edge-int4"] = [
+            runner.QWEN_EDGE,
+            "build",
+            "qwen2.5-3b-instruct-int4",
+            "--model",
+            src,
+            "--out",
+            work / "synthetic-3b-qwen-edge-int4",
+            "--no-eval",
+            "--quiet",
+        ]
     if genai:
-        builds["genai-int4"] = [runner._python("genai"), runner.ANCHORS / "genai.py", "build", "--input", src,
-                                "--output", work / "synthetic-3b-genai-int4", "--precision", "int4", "--quiet"]
+        builds["genai-int4"] = [
+            runner._python("genai"),
+            runner.ANCHORS / "genai.py",
+            "build",
+            "--input",
+            src,
+            "--output",
+            work / "synthetic-3b-genai-int4",
+            "--precision",
+            "int4",
+            "--quiet",
+        ]
     for name, cmd in builds.items():
         art = Path(cmd[cmd.index("--out" if "--out" in cmd else "--output") + 1])
         shutil.rmtree(art, ignore_errors=True)
         runner.log(f"synthetic 3B: building {name}")
-        rec = runner.measure_build(cmd, work / f"synthetic-3b-{name}.log",
-                                   rss_cap_mb=_rss_cap_mb())
+        rec = runner.measure_build(cmd, work / f"synthetic-3b-{name}.log", rss_cap_mb=_rss_cap_mb())
         entry = {"build": rec, "built": rec["returncode"] == 0 and art.exists()}
         if entry["built"]:
             entry["artifact_mb"] = round(runner._dir_mb(art), 1)
@@ -140,16 +187,31 @@ def bench(genai: bool, qwen_edge: bool, reps: int, nice: int) -> dict:
                 else:
                     ids = work / "synthetic-prompts.json"
                     ids.write_text(json.dumps({"40": list(range(1000, 1040))}))
-                    mcmd = [runner._python("genai"), runner.ANCHORS / "genai.py", "run", "--model", art,
-                            "--ids-file", ids, "--prompt-tokens", 40, "--new-tokens", 64, "--warmup-tokens", 2]
+                    mcmd = [
+                        runner._python("genai"),
+                        runner.ANCHORS / "genai.py",
+                        "run",
+                        "--model",
+                        art,
+                        "--ids-file",
+                        ids,
+                        "--prompt-tokens",
+                        40,
+                        "--new-tokens",
+                        64,
+                        "--warmup-tokens",
+                        2,
+                    ]
                 runs.append(runner._run_json(mcmd, f"{name} synthetic 3B", nice))
             entry["runs"] = runs
             entry["decode_tps"] = harness.spread(r["decode_tps"] for r in runs)
             entry["ttft_ms"] = harness.spread(r["ttft_ms"] for r in runs)
             entry["peak_rss_mb"] = harness.spread(r["peak_rss_mb"] for r in runs)
         else:
-            entry["error"] = (Path(work / f"synthetic-3b-{name}.log").read_text(errors="replace")
-                              .strip().splitlines() or ["no output"])[-1]
+            entry["error"] = (
+                Path(work / f"synthetic-3b-{name}.log").read_text(errors="replace").strip().splitlines()
+                or ["no output"]
+            )[-1]
         result["systems"][name] = entry
         runner.log(f"synthetic 3B {name}: {json.dumps({k: v for k, v in entry.items() if k != 'runs'})}")
     runner.RESULTS.mkdir(parents=True, exist_ok=True)

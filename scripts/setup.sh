@@ -24,6 +24,14 @@ fi
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 echo "setup.sh: installing $req into $venv" >&2
 "$venv/bin/python" -m pip install -q --require-hashes --no-deps -r "$req"
-"$venv/bin/python" -m pip install -q --no-deps --no-build-isolation -e .
+# setuptools warns at length about the data folders under edge/ (package data, not packages): show
+# its output only when the install fails
+log="$(mktemp)"
+if ! "$venv/bin/python" -m pip install -q --no-deps --no-build-isolation -e . >"$log" 2>&1; then
+  cat "$log" >&2
+  rm -f "$log"
+  exit 1
+fi
+rm -f "$log"
 "$venv/bin/python" -m pip check >/dev/null
 echo "$want" > "$stamp"

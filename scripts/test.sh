@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Set up (from the locks in requirements/) and run the default test suites; extra arguments go to pytest in .venv only (e.g. -m real_model,
 # which runs only the Python real-model tests).
-# Without arguments: the JavaScript runtime's tests, the Python suite in .venv (with the Olive and QNN
+# Lint and format checks (ruff) first. Without arguments: the JavaScript runtime's tests, the Python suite in .venv (with the Olive and QNN
 # extras), then the Optimum backend's tests in .venv-optimum (optimum-onnx needs transformers <4.58).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh dev
+.venv/bin/ruff check --quiet .
+.venv/bin/ruff format --check --quiet .
 if [ "$#" -gt 0 ]; then
   exec .venv/bin/python -m pytest -q "$@"
 fi

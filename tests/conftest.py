@@ -12,6 +12,16 @@ sys.path.insert(0, str(Path(__file__).parent))
 import tiny_models  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def quiet_builds():
+    """Builds, exports and downloads in the tests report nothing (edge.report); a test may make its own
+    Reporter current (as `qwen-edge build` does) to see or check what a build prints."""
+    from edge import report
+
+    with report.use(report.Reporter(quiet=True)):
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """Factory `tiny_model(family="qwen2", tied=False) -> Path` of a tiny HF model directory (cached)."""
@@ -81,8 +91,9 @@ def tiny_qwen3_gguf(tiny_gguf) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_artifact(tiny_model, tmp_path_factory):
-    """Factory `tiny_artifact(family="qwen2", tied=False, weights="fp32", **precision) -> Path` of a built artifact (cached)."""
-    from edge.build import build
+    """Factory `tiny_artifact(family="qwen2", tied=False, weights="fp32", **precision) -> Path`: a built
+    artifact (cached)."""
+    from edge.pipeline import build
     from edge.recipe import Precision, Recipe
 
     root = tmp_path_factory.mktemp("tiny_artifacts")
@@ -91,10 +102,15 @@ def tiny_artifact(tiny_model, tmp_path_factory):
     def make(family: str = "qwen2", tied: bool = False, weights: str = "fp32", **precision) -> Path:
         key = (family, bool(tied), weights, tuple(sorted(precision.items())))
         if key not in built:
-            recipe = Recipe(name="tiny", source=str(tiny_model(family, tied)), context_length=256,
-                            precision=Precision(weights=weights, **precision), fidelity={"enabled": False})
+            recipe = Recipe(
+                name="tiny",
+                source=str(tiny_model(family, tied)),
+                context_length=256,
+                precision=Precision(weights=weights, **precision),
+                fidelity={"enabled": False},
+            )
             out = root / f"{family}-{'tied' if tied else 'untied'}-{weights}-{len(built)}"
-            built[key] = build(recipe, out=out, progress=False).out_dir
+            built[key] = build(recipe, out=out).out_dir
         return built[key]
 
     return make

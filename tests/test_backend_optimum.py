@@ -27,8 +27,14 @@ needs_optimum = pytest.mark.skipif(MISSING is not None, reason=f"optimum backend
 
 
 def _recipe(model_dir, weights: str, **precision) -> Recipe:
-    return Recipe(name="tiny-optimum", source=str(model_dir), backend="optimum", context_length=256,
-                  precision=Precision(weights=weights, **precision), fidelity={"enabled": False})
+    return Recipe(
+        name="tiny-optimum",
+        source=str(model_dir),
+        backend="optimum",
+        context_length=256,
+        precision=Precision(weights=weights, **precision),
+        fidelity={"enabled": False},
+    )
 
 
 def test_missing_backend_names_the_extra(monkeypatch):
@@ -36,7 +42,9 @@ def test_missing_backend_names_the_extra(monkeypatch):
         raise metadata.PackageNotFoundError(name)
 
     monkeypatch.setattr(metadata, "requires", not_installed)
-    with pytest.raises(QwenEdgeError, match=r"needs optimum-onnx, which is not installed: pip install 'qwen-edge\[optimum\]'"):
+    with pytest.raises(
+        QwenEdgeError, match=r"needs optimum-onnx, which is not installed: pip install 'qwen-edge\[optimum\]'"
+    ):
         backend.check_installed()
 
 
@@ -48,8 +56,10 @@ def test_unsupported_transformers_names_the_separate_environment(monkeypatch):
         backend.check_installed()
 
 
-@pytest.mark.parametrize("precision,message", [({"weights": "fp16"}, "int4, int8 or fp32"),
-                                               ({"weights": "int4", "method": "gptq"}, "backend: native")])
+@pytest.mark.parametrize(
+    "precision,message",
+    [({"weights": "fp16"}, "int4, int8 or fp32"), ({"weights": "int4", "method": "gptq"}, "backend: native")],
+)
 def test_describe_refuses_what_it_cannot_build(tmp_path, precision, message):
     recipe = _recipe(tmp_path, **precision)
     with pytest.raises(QwenEdgeError, match=message):
@@ -66,7 +76,7 @@ def test_describe_lists_the_steps(tmp_path):
 @pytest.fixture(scope="module")
 def optimum_artifact(tiny_model, tmp_path_factory):
     """Factory `optimum_artifact(family, tied, weights) -> Path` built through the optimum backend (cached)."""
-    from edge.build import build
+    from edge.pipeline import build
 
     root = tmp_path_factory.mktemp("optimum_artifacts")
     built = {}
@@ -74,8 +84,9 @@ def optimum_artifact(tiny_model, tmp_path_factory):
     def make(family: str, tied: bool, weights: str, method: str = "rtn"):
         key = (family, tied, weights, method)
         if key not in built:
-            built[key] = build(_recipe(tiny_model(family, tied), weights, method=method),
-                               out=root / "-".join(map(str, key)), progress=False).out_dir
+            built[key] = build(
+                _recipe(tiny_model(family, tied), weights, method=method), out=root / "-".join(map(str, key))
+            ).out_dir
         return built[key]
 
     return make
@@ -116,7 +127,9 @@ def test_fp32_export_matches_transformers_through_the_generator(optimum_artifact
     assert "model.onnx.data" in manifest["files"]
     ref = _reference(tiny_model(family, tied), IDS)
     g, logits = _generator_logits(art, IDS, prefill=8)
-    assert type(g._kv).__name__ == "_GrowingKV" and g.has_position_ids and g.has_logits_to_keep
+    assert (
+        type(g.runner.cache).__name__ == "GrowingKVCache" and g.runner.has_position_ids and g.runner.has_logits_to_keep
+    )
     np.testing.assert_allclose(logits, ref[7:], rtol=0, atol=1e-4)
     g.truncate(5)  # prefix reuse: the growing past is cut back to 5 positions
     np.testing.assert_allclose(g.append(IDS[5:12]), ref[11], rtol=0, atol=1e-4)
@@ -124,15 +137,24 @@ def test_fp32_export_matches_transformers_through_the_generator(optimum_artifact
 
 @needs_optimum
 def test_num_logits_to_keep_defaults_to_every_position(optimum_artifact):
-    from edge.fidelity import artifact_logits, open_session
+    import onnxruntime as ort
 
-    session = open_session(optimum_artifact("qwen2", False, "fp32"))
-    every = artifact_logits(session, IDS)  # the default: every position
+    session = ort.InferenceSession(str(optimum_artifact("qwen2", False, "fp32") / "model.onnx"))
+    feeds = {
+        "input_ids": np.array([IDS]),
+        "attention_mask": np.ones((1, len(IDS)), np.int64),
+        "position_ids": np.arange(len(IDS))[None],
+    }
+    feeds.update(
+        {
+            i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32)
+            for i in session.get_inputs()
+            if i.name.startswith("past_key_values.")
+        }
+    )
+    every = session.run(["logits"], feeds)[0][0]  # num_logits_to_keep not fed: its default
     assert every.shape == (len(IDS), 600)
-    feeds = {"input_ids": np.array([IDS]), "attention_mask": np.ones((1, len(IDS)), np.int64),
-             "position_ids": np.arange(len(IDS))[None], "num_logits_to_keep": np.array(2)}
-    feeds.update({i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32)
-                  for i in session.get_inputs() if i.name.startswith("past_key_values.")})
+    feeds["num_logits_to_keep"] = np.array(2)
     last = session.run(["logits"], feeds)[0][0]
     assert last.shape == (2, 600)
     np.testing.assert_allclose(last, every[-2:], rtol=0, atol=1e-5)
@@ -155,7 +177,7 @@ def test_int4_export_matches_the_native_int4_artifact(optimum_artifact, tiny_art
 def test_int8_export_stays_close_to_transformers(optimum_artifact, tiny_model):
     import onnx
 
-    from edge import fidelity
+    from edge.check import fidelity
 
     ref = _reference(tiny_model("qwen3", True), IDS)
     for method, op in (("dynamic", "MatMulInteger"), ("rtn", "MatMulNBits")):  # Optimum's preset; ours
@@ -175,22 +197,40 @@ def test_save_model_reads_small_tensors_out_of_the_exporters_data_file(tmp_path)
     import onnxruntime as ort
 
     x = ir.val("x", ir.DataType.FLOAT, [2])
-    small = ir.Value(name="small", shape=ir.Shape([2]), type=ir.TensorType(ir.DataType.FLOAT),
-                     const_value=ir.tensor(np.array([1.0, 2.0], np.float32), name="small"))
-    big = ir.Value(name="big", shape=ir.Shape([512]), type=ir.TensorType(ir.DataType.FLOAT),
-                   const_value=ir.tensor(np.arange(512, dtype=np.float32), name="big"))
+    small = ir.Value(
+        name="small",
+        shape=ir.Shape([2]),
+        type=ir.TensorType(ir.DataType.FLOAT),
+        const_value=ir.tensor(np.array([1.0, 2.0], np.float32), name="small"),
+    )
+    big = ir.Value(
+        name="big",
+        shape=ir.Shape([512]),
+        type=ir.TensorType(ir.DataType.FLOAT),
+        const_value=ir.tensor(np.arange(512, dtype=np.float32), name="big"),
+    )
     const = ir.node("Constant", [], attributes={"value": ir.tensor(np.array([10.0, 20.0], np.float32), name="c")})
     add = ir.node("Add", [x, small])
     total = ir.node("ReduceSum", [big], attributes={"keepdims": 0})
     shifted = ir.node("Add", [add.outputs[0], const.outputs[0]])
     out = ir.node("Add", [shifted.outputs[0], total.outputs[0]])
     out.outputs[0].name = "y"
-    graph = ir.Graph([x], [out.outputs[0]], nodes=[const, add, total, shifted, out], initializers=[small, big],
-                     opset_imports={"": 18})
+    graph = ir.Graph(
+        [x],
+        [out.outputs[0]],
+        nodes=[const, add, total, shifted, out],
+        initializers=[small, big],
+        opset_imports={"": 18},
+    )
     (tmp_path / "export").mkdir()
-    onnx.save_model(ir.to_proto(ir.Model(graph, ir_version=10)), tmp_path / "export" / "model.onnx",
-                    save_as_external_data=True, location="model.onnx_data", size_threshold=0,
-                    convert_attribute=True)
+    onnx.save_model(
+        ir.to_proto(ir.Model(graph, ir_version=10)),
+        tmp_path / "export" / "model.onnx",
+        save_as_external_data=True,
+        location="model.onnx_data",
+        size_threshold=0,
+        convert_attribute=True,
+    )
     (tmp_path / "artifact").mkdir()
     backend.save_model(ir.load(tmp_path / "export" / "model.onnx"), tmp_path / "artifact")
     (tmp_path / "export" / "model.onnx_data").unlink()

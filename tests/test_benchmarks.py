@@ -58,10 +58,26 @@ def test_greedy_prefix_counts_until_first_difference():
 
 def _rows():
     return {
-        "ours": {"decode_tps": 20.0, "ttft_512_ms": 2000.0, "artifact_mb": 400.0, "peak_rss_mb": 700.0,
-                 "peak_rss_512_mb": 800.0, "mean_kl": 0.05, "top1_agreement": 0.91, "build_peak_rss_mb": 1000.0},
-        "g": {"decode_tps": 25.0, "ttft_512_ms": 5000.0, "artifact_mb": 873.0, "peak_rss_mb": 600.0,
-              "peak_rss_512_mb": 970.0, "mean_kl": 0.2, "top1_agreement": 0.8, "build_peak_rss_mb": 6400.0},
+        "ours": {
+            "decode_tps": 20.0,
+            "ttft_512_ms": 2000.0,
+            "artifact_mb": 400.0,
+            "peak_rss_mb": 700.0,
+            "peak_rss_512_mb": 800.0,
+            "mean_kl": 0.05,
+            "top1_agreement": 0.91,
+            "build_peak_rss_mb": 1000.0,
+        },
+        "g": {
+            "decode_tps": 25.0,
+            "ttft_512_ms": 5000.0,
+            "artifact_mb": 873.0,
+            "peak_rss_mb": 600.0,
+            "peak_rss_512_mb": 970.0,
+            "mean_kl": 0.2,
+            "top1_agreement": 0.8,
+            "build_peak_rss_mb": 6400.0,
+        },
         "l": {"decode_tps": 16.0},
     }
 
@@ -89,10 +105,18 @@ def test_targets_limits_are_inclusive_and_missing_anchor_is_not_measured():
 
 
 def test_render_table_and_targets():
-    rows = {"qwen-edge-int4": {"artifact_mb": 412.3, "decode": harness.spread([20.0, 22.0, 21.0]),
-                               "ttft_512": harness.spread([2000.0]), "top1_agreement": 0.912, "mean_kl": 0.0512,
-                               "ppl_artifact": 5.5, "ppl_reference": 5.0},
-            "genai-int4": {"artifact_mb": 873.6}}
+    rows = {
+        "qwen-edge-int4": {
+            "artifact_mb": 412.3,
+            "decode": harness.spread([20.0, 22.0, 21.0]),
+            "ttft_512": harness.spread([2000.0]),
+            "top1_agreement": 0.912,
+            "mean_kl": 0.0512,
+            "ppl_artifact": 5.5,
+            "ppl_reference": 5.0,
+        },
+        "genai-int4": {"artifact_mb": 873.6},
+    }
     md = harness.render_table(rows).splitlines()
     assert md[0].startswith("| system | artifact MB |")
     assert len(md) == 4 and all(line.count("|") == md[0].count("|") for line in md)

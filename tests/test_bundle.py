@@ -10,9 +10,9 @@ from pathlib import Path
 import onnxruntime as ort
 import pytest
 
-from edge.build import build
-from edge.licenses import directory_facts, choose, license_id_for_name
-from edge.package import package
+from edge.artifact.licenses import choose, directory_facts, license_id_for_name
+from edge.artifact.package import package
+from edge.pipeline import build
 from edge.recipe import Precision, Recipe
 from qwen_edge.artifact import Artifact
 from qwen_edge.bundle import TARGETS, BundleError, verify_bundle
@@ -31,14 +31,21 @@ def _built_from(tiny_model, tmp_path: Path, name: str, license_text: str | None 
     shutil.copytree(tiny_model("qwen2"), source)
     if license_text is not None:
         (source / "LICENSE").write_text(license_text)
-    recipe = Recipe(name="tiny", source=str(source), context_length=256, precision=Precision(weights="int4"),
-                    fidelity={"enabled": False})
-    return build(recipe, out=tmp_path / "artifact", progress=False).out_dir
+    recipe = Recipe(
+        name="tiny",
+        source=str(source),
+        context_length=256,
+        precision=Precision(weights="int4"),
+        fidelity={"enabled": False},
+    )
+    return build(recipe, out=tmp_path / "artifact").out_dir
 
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_each_target_packages_and_verifies(artifact, tmp_path, target, capsys):
-    assert main(["package", str(artifact), "--target", target, "--out", str(tmp_path), "--license-id", "Apache-2.0"]) == 0
+    assert (
+        main(["package", str(artifact), "--target", target, "--out", str(tmp_path), "--license-id", "Apache-2.0"]) == 0
+    )
     bundle = tmp_path / f"tiny-{target}-v1.zip"
     assert bundle.is_file()
     assert main(["verify", str(bundle)]) == 0
@@ -48,8 +55,16 @@ def test_each_target_packages_and_verifies(artifact, tmp_path, target, capsys):
         assert names == sorted(names)
         assert all(i.compress_type == zipfile.ZIP_STORED for i in zf.infolist())
         meta = json.loads(zf.read("bundle.json"))
-        assert {"model.onnx", "model.onnx.data", "tokenizer.json", "tokenizer_config.json", "genai_config.json",
-                "manifest.json", "LICENSE", "INTEGRATION.md"} <= set(names)
+        assert {
+            "model.onnx",
+            "model.onnx.data",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "genai_config.json",
+            "manifest.json",
+            "LICENSE",
+            "INTEGRATION.md",
+        } <= set(names)
         assert meta["target"] == target and meta["license"] == {"id": "Apache-2.0", "file": "LICENSE"}
         assert meta["artifact_manifest_sha256"] and meta["checks"]
         assert b"Apache License" in zf.read("LICENSE")
@@ -141,8 +156,7 @@ def test_web_shards_external_data_over_the_file_limit(artifact, tmp_path):
         art = Artifact.open(model_dir)
         sess = ort.InferenceSession(str(model_dir / "model.onnx"))
         m = art.model
-        feeds = {"input_ids": np.array([[1, 2, 3]], dtype=np.int64),
-                 "attention_mask": np.ones((1, 3), dtype=np.int64)}
+        feeds = {"input_ids": np.array([[1, 2, 3]], dtype=np.int64), "attention_mask": np.ones((1, 3), dtype=np.int64)}
         for i in range(m.num_layers):
             for kind in ("key", "value"):
                 feeds[f"past_key_values.{i}.{kind}"] = np.zeros((1, m.num_kv_heads, 0, m.head_dim), np.float32)
@@ -191,11 +205,10 @@ def test_unknown_licence_asks_for_it(artifact, tmp_path):
         package(artifact, "desktop", tmp_path)
 
 
-
 def test_gguf_source_names_its_model_for_the_licence(tiny_qwen2_gguf):
     from edge.sources import open_source
 
-    facts = open_source(str(tiny_qwen2_gguf), progress=False).license_facts()
+    facts = open_source(str(tiny_qwen2_gguf)).license_facts()
     assert facts.names and facts.license_file is None
 
 
@@ -205,4 +218,7 @@ def test_licence_for_a_build_source(tmp_path):
     license_id, text = choose(directory_facts(source), None, None, str(source))
     assert license_id == "Apache-2.0" and text.startswith(b"\n                                 Apache License")
     (source / "LICENSE").write_text("the model's own licence file\n")
-    assert choose(directory_facts(source), None, None, str(source)) == ("Apache-2.0", b"the model's own licence file\n")
+    assert choose(directory_facts(source), None, None, str(source)) == (
+        "Apache-2.0",
+        b"the model's own licence file\n",
+    )

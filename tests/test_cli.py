@@ -8,8 +8,8 @@ import pytest
 
 from qwen_edge import cli
 from qwen_edge.artifact import Artifact
-from qwen_edge.generator import Generator
 from qwen_edge.chat import ChatSession
+from qwen_edge.generator import Generator
 from qwen_edge.sampling import SamplingParams
 
 
@@ -21,16 +21,40 @@ def artifact(tiny_artifact):
 def test_run_streams_the_chat_reply(artifact, capsys):
     assert cli.main(["run", artifact, "Hello there", "--max-new-tokens", "10", "--no-think"]) == 0
     out, err = capsys.readouterr()
-    expected = "".join(ChatSession(Generator(Artifact.open(artifact)), enable_thinking=False)
-                       .send("Hello there", SamplingParams(), 10))
+    expected = "".join(
+        ChatSession(Generator(Artifact.open(artifact)), enable_thinking=False).send(
+            "Hello there", SamplingParams(), 10
+        )
+    )
     assert out == expected + "\n"
     assert "ttft" in err and "decode" in err and "tok/s" in err
 
 
 def test_run_raw_completion_with_sampling_flags(artifact, capsys):
-    argv = ["run", artifact, "def f(x):", "--no-chat-template", "--max-new-tokens", "12", "--temperature", "0.8",
-            "--top-k", "20", "--top-p", "0.9", "--min-p", "0.05", "--repetition-penalty", "1.1", "--seed", "3",
-            "--verify", "size", "--max-length", "64"]
+    argv = [
+        "run",
+        artifact,
+        "def f(x):",
+        "--no-chat-template",
+        "--max-new-tokens",
+        "12",
+        "--temperature",
+        "0.8",
+        "--top-k",
+        "20",
+        "--top-p",
+        "0.9",
+        "--min-p",
+        "0.05",
+        "--repetition-penalty",
+        "1.1",
+        "--seed",
+        "3",
+        "--verify",
+        "size",
+        "--max-length",
+        "64",
+    ]
     assert cli.main(argv) == 0
     first = capsys.readouterr().out
     assert cli.main(argv) == 0
@@ -147,7 +171,9 @@ def test_build_side_commands_dispatch_to_edge(capsys, monkeypatch):
     seen = {}
     monkeypatch.setattr(edge.commands, "build", lambda args: seen.setdefault("build", args) and 0)
     monkeypatch.setattr(edge.commands, "evaluate", lambda args: seen.setdefault("eval", args) and 0)
-    assert cli.main(["build", "qwen2.5-coder-0.5b-int4", "--model", "m.gguf", "--out", "o", "--no-eval", "--quiet"]) == 0
+    assert (
+        cli.main(["build", "qwen2.5-coder-0.5b-int4", "--model", "m.gguf", "--out", "o", "--no-eval", "--quiet"]) == 0
+    )
     b = seen["build"]
     assert (b.recipe, b.model, b.out, b.no_eval, b.quiet) == ("qwen2.5-coder-0.5b-int4", "m.gguf", "o", True, True)
     assert cli.main(["eval", "art", "--reference", "ref", "--json"]) == 0

@@ -6,9 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from edge.fidelity import (
+from edge.check.fidelity import (
     FidelityError,
-    artifact_logits,
     check_threshold,
     compare,
     evaluate,
@@ -93,9 +92,15 @@ def tiny(tmp_path_factory):
     from onnx import TensorProto, helper, numpy_helper
 
     cfg = transformers.Qwen2Config(
-        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=32, num_hidden_layers=0,
-        num_attention_heads=2, num_key_value_heads=KV_HEADS, tie_word_embeddings=False,
-        bos_token_id=1, eos_token_id=2,
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=32,
+        num_hidden_layers=0,
+        num_attention_heads=2,
+        num_key_value_heads=KV_HEADS,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     torch.manual_seed(0)
     model = transformers.Qwen2ForCausalLM(cfg).eval()
@@ -114,12 +119,18 @@ def tiny(tmp_path_factory):
     ]
     outputs = [
         helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "n", VOCAB]),
-        *(helper.make_tensor_value_info(f"present.0.{k}", TensorProto.FLOAT, ["batch", KV_HEADS, "total", HEAD_DIM]) for k in ("key", "value")),
+        *(
+            helper.make_tensor_value_info(f"present.0.{k}", TensorProto.FLOAT, ["batch", KV_HEADS, "total", HEAD_DIM])
+            for k in ("key", "value")
+        ),
     ]
     inits = [
-        numpy_helper.from_array(emb, "emb"), numpy_helper.from_array(norm, "norm_w"),
-        numpy_helper.from_array(head, "head"), numpy_helper.from_array(np.float32(cfg.rms_norm_eps), "eps"),
-        numpy_helper.from_array(np.array([-1], np.int64), "axis_last"), numpy_helper.from_array(np.int64(0), "zero"),
+        numpy_helper.from_array(emb, "emb"),
+        numpy_helper.from_array(norm, "norm_w"),
+        numpy_helper.from_array(head, "head"),
+        numpy_helper.from_array(np.float32(cfg.rms_norm_eps), "eps"),
+        numpy_helper.from_array(np.array([-1], np.int64), "axis_last"),
+        numpy_helper.from_array(np.int64(0), "zero"),
         numpy_helper.from_array(np.array([1], np.int64), "axis_seq"),
         numpy_helper.from_array(np.array([np.iinfo(np.int64).max], np.int64), "end"),
         numpy_helper.from_array(np.array([0], np.int64), "axes0"),
@@ -160,32 +171,37 @@ def tiny(tmp_path_factory):
     return model, art, Tok()
 
 
-def test_artifact_logits_feed_zero_past_and_keep(tiny):
-    from edge.fidelity import reference_logits
+def twin_logits(art):
+    """Logits at every position of the hand-written twin graph (zero-length past, keep all)."""
+    import onnxruntime as ort
 
-    model, art, _ = tiny
-    ids = [5, 9, 11, 30, 7]
-    full = artifact_logits(art, ids)
-    assert full.shape == (5, VOCAB)
-    np.testing.assert_allclose(full, reference_logits(model, ids), atol=1e-4)
-    np.testing.assert_allclose(artifact_logits(art, ids, logits_to_keep=1), full[-1:], atol=1e-6)
+    session = ort.InferenceSession(str(art / "model.onnx"))
+    empty = np.zeros((1, KV_HEADS, 0, HEAD_DIM), np.float32)
+
+    def logits(ids):
+        feeds = {
+            "input_ids": np.array([ids], np.int64),
+            "attention_mask": np.ones((1, len(ids)), np.int64),
+            "past_key_values.0.key": empty,
+            "past_key_values.0.value": empty,
+            "num_logits_to_keep": np.array(0, np.int64),
+        }
+        return session.run(["logits"], feeds)[0][0]
+
+    return logits
 
 
 def test_evaluate_and_greedy_match_on_twin_models(tiny):
     model, art, tok = tiny
+    logits = twin_logits(art)
     texts = {"a": "hello world, again", "b": "def f(x): return x"}
-    result = evaluate(art, model, tok, texts, progress=False, max_tokens=20)
+    result = evaluate(logits, model, tok, texts, max_tokens=20)
     assert set(result["languages"]) == {"a", "b"}
     assert result["languages"]["a"]["tokens"] == 10
     assert result["overall"]["tokens"] == 20
     assert result["overall"]["top1_agreement"] == 1.0
     assert result["overall"]["mean_kl"] < 1e-6
     prompts = [{"id": "p", "messages": [{"role": "user", "content": "abc"}]}]
-    match = greedy_match(art, model, tok, prompts, n_tokens=6, progress=False)
+    match = greedy_match(logits, model, tok, prompts, n_tokens=6)
     assert match["prompts"]["p"]["matched"] == match["prompts"]["p"]["reference_tokens"] > 0
     assert match["match_rate"] == 1.0
-
-
-def test_missing_artifact_is_a_clear_error(tmp_path):
-    with pytest.raises(QwenEdgeError, match="build the artifact first"):
-        artifact_logits(tmp_path, [1, 2])

@@ -10,14 +10,15 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from tiny_models import hf_config
 from transformers import AutoModelForCausalLM
 
-from edge.build import build, weight_plan
 from edge.config import QwenConfig
-from edge.quantize import QuantSpec, quantize
+from edge.graph.plan import weight_plan
+from edge.pipeline import build
+from edge.quantize.blockwise import QuantSpec, quantize
 from edge.recipe import Precision, Recipe
 from qwen_edge.errors import QwenEdgeError
-from tiny_models import hf_config
 
 FAMILIES = [("qwen2", False), ("qwen2", True), ("qwen3", True), ("qwen3", False)]
 IDS = np.random.default_rng(7).integers(0, 590, 24).tolist()
@@ -36,11 +37,21 @@ def _dequantize_like_the_graph(model, precision: Precision) -> None:
     groups = [["model.embed_tokens.weight"]] + ([] if config.tie_word_embeddings else [["lm_head.weight"]])
     for i in range(config.num_layers):
         p = f"model.layers.{i}"
-        groups += [[f"{p}.self_attn.{n}.weight" for n in GROUPS[0]], [f"{p}.self_attn.o_proj.weight"],
-                   [f"{p}.mlp.{n}.weight" for n in GROUPS[1]], [f"{p}.mlp.down_proj.weight"]]
+        groups += [
+            [f"{p}.self_attn.{n}.weight" for n in GROUPS[0]],
+            [f"{p}.self_attn.o_proj.weight"],
+            [f"{p}.mlp.{n}.weight" for n in GROUPS[1]],
+            [f"{p}.mlp.down_proj.weight"],
+        ]
     with torch.no_grad():
         for names in groups:
-            spec = plan.embedding if "embed" in names[0] else plan.lm_head if "lm_head" in names[0] else plan.for_linear(names)
+            spec = (
+                plan.embedding
+                if "embed" in names[0]
+                else plan.lm_head
+                if "lm_head" in names[0]
+                else plan.for_linear(names)
+            )
             if isinstance(spec, str):
                 continue
             stacked = np.concatenate([params[n].detach().numpy() for n in names])
@@ -57,11 +68,16 @@ def _dequantize_like_the_graph(model, precision: Precision) -> None:
             start = 0
             for n in names:
                 rows = params[n].shape[0]
-                params[n].copy_(torch.from_numpy(deq[start:start + rows]))
+                params[n].copy_(torch.from_numpy(deq[start : start + rows]))
                 start += rows
-        if (config.tie_word_embeddings and not isinstance(plan.lm_head, str)
-                and not plan.lm_head_shares_embedding(True)):
-            model.lm_head.weight = torch.nn.Parameter(torch.from_numpy(_lm_head_like_the_graph(original_embedding, plan)))
+        if (
+            config.tie_word_embeddings
+            and not isinstance(plan.lm_head, str)
+            and not plan.lm_head_shares_embedding(True)
+        ):
+            model.lm_head.weight = torch.nn.Parameter(
+                torch.from_numpy(_lm_head_like_the_graph(original_embedding, plan))
+            )
 
 
 def _lm_head_like_the_graph(weight: np.ndarray, plan, quantized=None) -> np.ndarray:
@@ -90,8 +106,11 @@ def session(artifact_dir):
 
 def prefill_all(sess, ids):
     """Logits for every position from one prefill with an empty past (the default num_logits_to_keep)."""
-    kv = {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32)
-          for i in sess.get_inputs() if i.name.startswith("past_key_values")}
+    kv = {
+        i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32)
+        for i in sess.get_inputs()
+        if i.name.startswith("past_key_values")
+    }
     ids = np.array([ids], np.int64)
     return sess.run(["logits"], {"input_ids": ids, "attention_mask": np.ones_like(ids), **kv})[0][0]
 
@@ -99,8 +118,10 @@ def prefill_all(sess, ids):
 def cached_steps(sess, ids, prefill, max_len=64):
     """Last-position logits of a `prefill`-token chunk and then one token at a time, on a shared KV buffer."""
     pasts = [i for i in sess.get_inputs() if i.name.startswith("past_key_values")]
-    buffers = {i.name: ort.OrtValue.ortvalue_from_numpy(np.zeros((1, i.shape[1], max_len, i.shape[3]), np.float32))
-               for i in pasts}
+    buffers = {
+        i.name: ort.OrtValue.ortvalue_from_numpy(np.zeros((1, i.shape[1], max_len, i.shape[3]), np.float32))
+        for i in pasts
+    }
     keep_one = ort.OrtValue.ortvalue_from_numpy(np.array(1, np.int64))
     chunks = [ids[:prefill]] + [[t] for t in ids[prefill:]]
     out, pos = [], 0
@@ -122,10 +143,15 @@ def cached_steps(sess, ids, prefill, max_len=64):
 
 
 def build_tiny(tiny_model, tmp_path, family, tied, accuracy_level=4, **precision):
-    recipe = Recipe(name="t", source=str(tiny_model(family, tied)), context_length=256,
-                    precision=Precision(**precision), fidelity={"enabled": False},
-                    overrides={"accuracy_level": accuracy_level})
-    return build(recipe, out=tmp_path / "art", progress=False).out_dir
+    recipe = Recipe(
+        name="t",
+        source=str(tiny_model(family, tied)),
+        context_length=256,
+        precision=Precision(**precision),
+        fidelity={"enabled": False},
+        overrides={"accuracy_level": accuracy_level},
+    )
+    return build(recipe, out=tmp_path / "art").out_dir
 
 
 @pytest.mark.parametrize("family,tied", FAMILIES)
@@ -134,7 +160,7 @@ def test_fp32_prefill_and_cached_decode_match_transformers(tiny_model, tmp_path,
     ref = reference(tiny_model(family, tied))
     sess = session(art)
     np.testing.assert_allclose(prefill_all(sess, IDS), ref, atol=1e-4, rtol=0)
-    np.testing.assert_allclose(cached_steps(sess, IDS, PREFILL), ref[PREFILL - 1:], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(cached_steps(sess, IDS, PREFILL), ref[PREFILL - 1 :], atol=1e-4, rtol=0)
 
 
 QUANTIZED = [
@@ -156,7 +182,7 @@ def test_quantized_graph_computes_the_dequantized_model(tiny_model, tmp_path, fa
     ref = reference(tiny_model(family, tied), dequantized=Precision(**precision))
     sess = session(art)
     np.testing.assert_allclose(prefill_all(sess, IDS), ref, atol=2e-4, rtol=0)
-    np.testing.assert_allclose(cached_steps(sess, IDS, PREFILL), ref[PREFILL - 1:], atol=2e-4, rtol=0)
+    np.testing.assert_allclose(cached_steps(sess, IDS, PREFILL), ref[PREFILL - 1 :], atol=2e-4, rtol=0)
 
 
 def _kl(ref, art):
@@ -167,7 +193,9 @@ def _kl(ref, art):
 
 @pytest.mark.parametrize("weights,min_top1,max_kl", [("int8", 0.95, 0.01), ("int4", 0.6, 0.5)])
 @pytest.mark.parametrize("family,tied", [("qwen2", False), ("qwen3", True)])
-def test_quantized_error_is_bounded_with_int8_activations(tiny_model, tmp_path, family, tied, weights, min_top1, max_kl):
+def test_quantized_error_is_bounded_with_int8_activations(
+    tiny_model, tmp_path, family, tied, weights, min_top1, max_kl
+):
     art = build_tiny(tiny_model, tmp_path, family, tied, weights=weights, symmetric=False)
     ref = reference(tiny_model(family, tied))
     logits = prefill_all(session(art), IDS)
@@ -199,7 +227,11 @@ def test_tied_int4_embedding_and_lm_head_share_one_copy(tiny_artifact):
 
 def test_mixed_keeps_value_and_down_projections_in_int8(tiny_artifact):
     _, model = _initializer_bytes(tiny_artifact("qwen2", weights="int4", method="mixed"))
-    bits = {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in model.graph.node if n.op_type == "MatMulNBits"}
+    bits = {
+        n.name: next(a.i for a in n.attribute if a.name == "bits")
+        for n in model.graph.node
+        if n.op_type == "MatMulNBits"
+    }
     assert bits["/model.layers.0.self_attn.qkv_proj/MatMulNBits"] == 8  # packed with v_proj
     assert bits["/model.layers.1.mlp.down_proj/MatMulNBits"] == 8
     assert bits["/model.layers.0.mlp.gate_up_proj/MatMulNBits"] == 4
@@ -214,9 +246,14 @@ def test_fp16_storage_stays_close_to_fp32(tiny_model, tmp_path):
 
 def test_gguf_source_builds_the_same_bytes_and_builds_are_reproducible(tiny_model, tiny_gguf, tmp_path):
     def build_from(source, out):
-        recipe = Recipe(name="t", source=str(source), context_length=256,
-                        precision=Precision(weights="int4"), fidelity={"enabled": False})
-        return build(recipe, out=out, progress=False).out_dir
+        recipe = Recipe(
+            name="t",
+            source=str(source),
+            context_length=256,
+            precision=Precision(weights="int4"),
+            fidelity={"enabled": False},
+        )
+        return build(recipe, out=out).out_dir
 
     a = build_from(tiny_model("qwen2", False), tmp_path / "a")
     b = build_from(tiny_model("qwen2", False), tmp_path / "b")
@@ -226,9 +263,10 @@ def test_gguf_source_builds_the_same_bytes_and_builds_are_reproducible(tiny_mode
 
 
 @pytest.mark.parametrize("family,tied", [("qwen2", False), ("qwen3", True)])
-def test_lm_head_in_int8_and_int4_row_slices_computes_the_dequantized_model(tiny_model, tmp_path, monkeypatch,
-                                                                             family, tied):
-    monkeypatch.setattr("edge.graph.LM_HEAD_SLICE_ROWS", 200)
+def test_lm_head_in_int8_and_int4_row_slices_computes_the_dequantized_model(
+    tiny_model, tmp_path, monkeypatch, family, tied
+):
+    monkeypatch.setattr("edge.graph.decoder.LM_HEAD_SLICE_ROWS", 200)
     precision = dict(weights="int4", method="rtn", symmetric=False, block_size=32, lm_head_int8_rows=100)
     art = build_tiny(tiny_model, tmp_path, family, tied, accuracy_level=0, **precision)
     _, model = _initializer_bytes(art)
@@ -240,7 +278,7 @@ def test_lm_head_in_int8_and_int4_row_slices_computes_the_dequantized_model(tiny
     ref = reference(tiny_model(family, tied), dequantized=Precision(**precision))
     sess = session(art)
     np.testing.assert_allclose(prefill_all(sess, IDS), ref, atol=2e-4, rtol=0)
-    np.testing.assert_allclose(cached_steps(sess, IDS, PREFILL), ref[PREFILL - 1:], atol=2e-4, rtol=0)
+    np.testing.assert_allclose(cached_steps(sess, IDS, PREFILL), ref[PREFILL - 1 :], atol=2e-4, rtol=0)
 
 
 def test_lm_head_int8_rows_must_leave_int4_rows():
@@ -250,7 +288,11 @@ def test_lm_head_int8_rows_must_leave_int4_rows():
 
 
 def test_hqq_zero_points_are_integers_so_onnxruntime_repacks_the_weights(tiny_artifact):
-    model = onnx.load(str(tiny_artifact("qwen2", weights="int4", method="hqq") / "model.onnx"), load_external_data=False)
+    model = onnx.load(
+        str(tiny_artifact("qwen2", weights="int4", method="hqq") / "model.onnx"), load_external_data=False
+    )
     types = {i.name: i.data_type for i in model.graph.initializer}
-    zero_points = [n.input[3] for n in model.graph.node if n.op_type == "MatMulNBits" and len(n.input) > 3 and n.input[3]]
+    zero_points = [
+        n.input[3] for n in model.graph.node if n.op_type == "MatMulNBits" and len(n.input) > 3 and n.input[3]
+    ]
     assert zero_points and all(types[z] == onnx.TensorProto.UINT8 for z in zero_points)

@@ -5,16 +5,28 @@ import json
 
 import pytest
 
+from edge.artifact.genai_config import genai_config, write_genai_config
+from edge.artifact.manifest import write_manifest
 from edge.config import QwenConfig
-from edge.manifest import genai_config, write_genai_config, write_manifest
 from edge.recipe import load_recipe, recipe_profile
 from qwen_edge.errors import QwenEdgeError
 
 CONFIG = QwenConfig(
-    family="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24,
-    num_heads=14, num_kv_heads=2, head_dim=64, rms_norm_eps=1e-6, rope_theta=1e6,
-    max_position_embeddings=32768, tie_word_embeddings=False, bos_token_id=151643,
-    eos_token_ids=(151645, 151643), pad_token_id=151643,
+    family="qwen2",
+    vocab_size=151936,
+    hidden_size=896,
+    intermediate_size=4864,
+    num_layers=24,
+    num_heads=14,
+    num_kv_heads=2,
+    head_dim=64,
+    rms_norm_eps=1e-6,
+    rope_theta=1e6,
+    max_position_embeddings=32768,
+    tie_word_embeddings=False,
+    bos_token_id=151643,
+    eos_token_ids=(151645, 151643),
+    pad_token_id=151643,
 )
 
 
@@ -27,9 +39,13 @@ def test_manifest_lists_every_file_with_its_hash(tmp_path):
     write_genai_config(tmp_path, CONFIG, recipe.context_length, profile)
     (tmp_path / "manifest.json").write_text("stale")  # never hashed into itself
     manifest = write_manifest(
-        tmp_path, recipe=recipe, profile=profile,
+        tmp_path,
+        recipe=recipe,
+        profile=profile,
         source_fingerprint={"spec": "pypi-gguf", "kind": "pypi-gguf", "sha256": recipe.source.sha256},
-        config=CONFIG, precision=recipe.precision, fidelity={"overall": {"top1_agreement": 0.9}},
+        config=CONFIG,
+        precision=recipe.precision,
+        fidelity={"overall": {"top1_agreement": 0.9}},
         build_stats={"seconds": 1.5, "peak_rss_mb": 100},
     )
     on_disk = json.loads((tmp_path / "manifest.json").read_text())
@@ -39,8 +55,21 @@ def test_manifest_lists_every_file_with_its_hash(tmp_path):
     for name, entry in on_disk["files"].items():
         data = (tmp_path / name).read_bytes()
         assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    keys = {"format", "format_version", "recipe", "profile", "source", "model", "precision", "tools", "files", "fidelity", "build", "license",
-            "backend"}
+    keys = {
+        "format",
+        "format_version",
+        "recipe",
+        "profile",
+        "source",
+        "model",
+        "precision",
+        "tools",
+        "files",
+        "fidelity",
+        "build",
+        "license",
+        "backend",
+    }
     assert set(on_disk) == keys and on_disk["backend"] == {"name": "native"}
     assert on_disk["model"]["context_length"] == 4096 and on_disk["model"]["num_kv_heads"] == 2
     assert on_disk["profile"]["accuracy_level"] == 4
@@ -60,11 +89,15 @@ def test_genai_config_has_the_required_keys(tmp_path):
     assert (dec["head_size"], dec["hidden_size"], dec["num_attention_heads"]) == (64, 896, 14)
     assert (dec["num_hidden_layers"], dec["num_key_value_heads"]) == (24, 2)
     assert dec["inputs"] == {
-        "input_ids": "input_ids", "attention_mask": "attention_mask",
-        "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value",
+        "input_ids": "input_ids",
+        "attention_mask": "attention_mask",
+        "past_key_names": "past_key_values.%d.key",
+        "past_value_names": "past_key_values.%d.value",
     }
     assert dec["outputs"] == {
-        "logits": "logits", "present_key_names": "present.%d.key", "present_value_names": "present.%d.value",
+        "logits": "logits",
+        "present_key_names": "present.%d.key",
+        "present_value_names": "present.%d.value",
     }
     assert dec["session_options"]["provider_options"] == []
     assert dec["session_options"]["graph_optimization_level"] == "ORT_ENABLE_ALL"
@@ -85,14 +118,28 @@ def test_genai_config_threads_and_single_eos():
 
 def test_genai_config_of_a_static_npu_artifact_is_a_two_graph_pipeline():
     profile = recipe_profile(load_recipe("qwen2.5-coder-0.5b-instruct-qnn"))
-    static = {"prefill": "prefill.onnx", "decode": "decode.onnx", "chunk": 64, "context_length": 1024,
-              "mask_value": -100.0, "key_layout": "k", "value_layout": "v",
-              "inputs": ["input_ids", "position_ids", "attention_bias"], "outputs": ["logits"]}
+    static = {
+        "prefill": "prefill.onnx",
+        "decode": "decode.onnx",
+        "chunk": 64,
+        "context_length": 1024,
+        "mask_value": -100.0,
+        "key_layout": "k",
+        "value_layout": "v",
+        "inputs": ["input_ids", "position_ids", "attention_bias"],
+        "outputs": ["logits"],
+    }
     config = genai_config(CONFIG, 1024, profile, {"kv_cache": "static", "static": static})
     decoder = config["model"]["decoder"]
     assert "filename" not in decoder and config["search"]["past_present_share_buffer"] is False
     (prefill,), (decode,) = (stage.values() for stage in decoder["pipeline"])
-    assert (prefill["filename"], prefill["run_on_prompt"], prefill["run_on_token_gen"]) == ("prefill.onnx", True, False)
+    assert (prefill["filename"], prefill["run_on_prompt"], prefill["run_on_token_gen"]) == (
+        "prefill.onnx",
+        True,
+        False,
+    )
     assert (decode["filename"], decode["run_on_prompt"], decode["run_on_token_gen"]) == ("decode.onnx", False, True)
     assert decoder["static"]["chunk"] == 64
-    assert decoder["session_options"]["provider_options"] == [{"qnn": {"backend_type": "htp", "htp_performance_mode": "burst"}}]
+    assert decoder["session_options"]["provider_options"] == [
+        {"qnn": {"backend_type": "htp", "htp_performance_mode": "burst"}}
+    ]

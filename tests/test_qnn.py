@@ -1,17 +1,20 @@
 """QNN HTP artifacts on a tiny Qwen2: QDQ quantization, shared KV ranges, EPContext compile, emulator check."""
 
 import importlib.util
+import json
 
 import numpy as np
 import onnx
 import pytest
 from onnx import numpy_helper
 
-from edge import qnn
-from edge.manifest import model_block
+from edge.artifact.manifest import model_block
+from edge.graph.static import export_static
+from edge.npu import qnn
+from edge.quantize.qdq import QdqOptions, quantize, unwrapped_nodes
 from edge.sources import open_source
-from edge.static_graph import export_static
 from qwen_edge.artifact import Artifact
+from qwen_edge.contract import STATIC_GRAPHS
 
 CHUNK, CONTEXT = 8, 64
 PROMPTS = [np.random.default_rng(s).integers(0, 590, 19).tolist() for s in (1, 2)]
@@ -22,14 +25,14 @@ needs_qnn = pytest.mark.skipif(not HAS_QNN, reason="onnxruntime-qnn is not insta
 @pytest.fixture(scope="module")
 def quantized(tiny_qwen2, tmp_path_factory):
     """(fp32 static dir, QDQ dir, captured feeds) of the tiny Qwen2."""
-    source = open_source(str(tiny_qwen2), progress=False)
+    source = open_source(str(tiny_qwen2))
     fp32 = tmp_path_factory.mktemp("static")
-    info = export_static(source, fp32, chunk=CHUNK, context_length=CONTEXT, progress=False)
+    info = export_static(source, fp32, chunk=CHUNK, context_length=CONTEXT)
     source.write_tokenizer(fp32)
     artifact = Artifact(fp32, {"model": model_block(source.config, CONTEXT), "profile": {}, "static": info})
     feeds = qnn.capture_feeds(artifact, PROMPTS, new_tokens=3)
     qdq = tmp_path_factory.mktemp("qdq")
-    qnn.quantize(fp32, qdq, feeds, progress=False)
+    quantize(fp32, qdq, feeds)
     return fp32, qdq, feeds
 
 
@@ -41,15 +44,17 @@ def test_captured_feeds_cover_both_graphs(quantized):
 
 def test_every_compute_node_is_qdq_wrapped_standard_onnx(quantized):
     _, qdq, _ = quantized
-    for g in qnn.GRAPHS:
+    for g in STATIC_GRAPHS:
         model = onnx.load(qdq / f"{g}.onnx", load_external_data=False)
-        assert qnn.unwrapped_nodes(model) == {}
+        assert unwrapped_nodes(model) == {}
         assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}
         assert {n.op_type for n in model.graph.node} >= {"MatMul", "Softmax", "QuantizeLinear", "DequantizeLinear"}
 
 
 def _kv_qparams(model):
-    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if t.name.endswith(("_scale", "_zero_point"))}
+    inits = {
+        t.name: numpy_helper.to_array(t) for t in model.graph.initializer if t.name.endswith(("_scale", "_zero_point"))
+    }
     out = {}
     for n in model.graph.node:
         if n.op_type == "QuantizeLinear" and n.input[0].startswith("past_"):
@@ -61,7 +66,7 @@ def _kv_qparams(model):
 
 def test_kv_quantization_matches_between_graphs(quantized):
     _, qdq, _ = quantized
-    params = {g: _kv_qparams(onnx.load(qdq / f"{g}.onnx", load_external_data=False)) for g in qnn.GRAPHS}
+    params = {g: _kv_qparams(onnx.load(qdq / f"{g}.onnx", load_external_data=False)) for g in STATIC_GRAPHS}
     names = [f"{io}_{kv}_{i}" for io in ("past", "present") for kv in ("key", "value") for i in range(2)]
     for name in names:
         past = name.replace("present_", "past_")
@@ -73,23 +78,22 @@ def test_kv_quantization_matches_between_graphs(quantized):
 
 def test_bad_options_are_one_line_errors():
     with pytest.raises(qnn.QnnError, match="weight_bits must be 4 or 8"):
-        qnn.QdqOptions(weight_bits=6)
+        QdqOptions(weight_bits=6)
 
 
 @needs_qnn
 def test_compile_shares_weights_and_the_htp_agrees_with_the_cpu(quantized, tmp_path):
     fp32, qdq, feeds = quantized
-    shared = qnn.compile_context(qdq, tmp_path / "shared", progress=False)
-    separate = qnn.compile_context(qdq, tmp_path / "separate", share=False, progress=False)
+    shared = qnn.compile_context(qdq, tmp_path / "shared")
+    separate = qnn.compile_context(qdq, tmp_path / "separate", share=False)
     assert len(shared["binaries"]) == 1 and len(separate["binaries"]) == 2
     one = shared["files"][shared["binaries"][0]]
     two = sum(separate["files"][b] for b in separate["binaries"])
     assert one < 0.75 * two  # the weights are stored once
-    for g in qnn.GRAPHS:
+    for g in STATIC_GRAPHS:
         assert qnn.context_binaries(tmp_path / "shared" / f"{g}.onnx") in ([], shared["binaries"])
-    result = qnn.verify(tmp_path / "separate", qdq, {"prefill": feeds["prefill"][:2], "decode": feeds["decode"][:2]},
-                        progress=False)
-    for g in qnn.GRAPHS:
+    result = qnn.verify(tmp_path / "separate", qdq, {"prefill": feeds["prefill"][:2], "decode": feeds["decode"][:2]})
+    for g in STATIC_GRAPHS:
         assert result[g]["top1_agreement"] >= 0.8 and result[g]["mean_kl"] < 0.05, result
 
 
@@ -103,19 +107,21 @@ def test_a_graph_qnn_cannot_take_fails_the_build_naming_why(quantized):
 
 def _recipe(tmp_path, model, share: bool):
     path = tmp_path / "tiny-qnn.yaml"
-    path.write_text(f"name: tiny-qnn\nsource: {model}\nprofile: qnn-htp\ncontext_length: 256\n"
-                    f"overrides: {{chunk: 16, share_weights: {str(share).lower()}, fidelity_threshold: {{max_kl: 0.1}}}}\n"
-                    "fidelity: {max_tokens: 128}\n")
+    path.write_text(
+        f"name: tiny-qnn\nsource: {model}\nprofile: qnn-htp\ncontext_length: 256\n"
+        f"overrides: {{chunk: 16, share_weights: {str(share).lower()}, fidelity_threshold: {{max_kl: 0.1}}}}\n"
+        "fidelity: {max_tokens: 128}\n"
+    )
     return path
 
 
 @needs_qnn
 def test_build_and_run_through_the_htp(tiny_qwen2, tmp_path, capsys):
-    from edge.build import build
+    from edge.pipeline import build
     from edge.recipe import load_recipe
     from qwen_edge import cli
 
-    result = build(load_recipe(_recipe(tmp_path, tiny_qwen2, share=False)), out=tmp_path / "art", progress=False)
+    result = build(load_recipe(_recipe(tmp_path, tiny_qwen2, share=False)), out=tmp_path / "art")
     files = sorted(p.name for p in (tmp_path / "art").iterdir())
     assert {"prefill.onnx", "decode.onnx", "prefill_qnn.bin", "decode_qnn.bin", "tokenizer.json"} <= set(files)
     assert not any(f.endswith(".data") or f.startswith(".") for f in files)  # no fp32/QDQ leftovers
@@ -124,18 +130,22 @@ def test_build_and_run_through_the_htp(tiny_qwen2, tmp_path, capsys):
     assert fidelity["overall"]["mean_kl"] < 0.1 and static["npu_check"]["decode"]["top1_agreement"] >= 0.9
     assert cli.main(["run", str(tmp_path / "art"), "Hello", "--max-new-tokens", "4", "--no-think"]) == 0
     assert "4 new" in capsys.readouterr().err
+    # `qwen-edge eval` runs the same compiled graphs through the runtime: the numbers the build recorded
+    assert cli.main(["eval", str(tmp_path / "art"), "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["overall"] == pytest.approx(fidelity["overall"], rel=1e-6)
+    assert again["greedy"] == fidelity["greedy"]
 
 
 @needs_qnn
 def test_shared_weights_artifact_is_refused_on_the_emulator(tiny_qwen2, tmp_path):
-    from edge.build import build
+    from edge.pipeline import build
     from edge.recipe import load_recipe
-    from qwen_edge import open_generator
+    from qwen_edge import Generator
     from qwen_edge.artifact import Artifact
     from qwen_edge.errors import RuntimeMissingError
 
-    result = build(load_recipe(_recipe(tmp_path, tiny_qwen2, share=True)), out=tmp_path / "art", evaluate=False,
-                   progress=False)
+    result = build(load_recipe(_recipe(tmp_path, tiny_qwen2, share=True)), out=tmp_path / "art", evaluate=False)
     assert len(result.manifest["static"]["binaries"]) == 1
     with pytest.raises(RuntimeMissingError, match="share_weights: false"):
-        open_generator(Artifact.open(tmp_path / "art"))
+        Generator(Artifact.open(tmp_path / "art"))

@@ -6,7 +6,7 @@ runtime and checks the answer is the code that was asked for.
 
 import pytest
 
-from edge.build import build
+from edge.pipeline import build
 from edge.recipe import load_recipe
 from qwen_edge.artifact import Artifact
 from qwen_edge.chat import ChatSession
@@ -20,7 +20,7 @@ PROMPT = "Write a Python function is_palindrome(s) that checks whether a string 
 
 @pytest.mark.parametrize("recipe,min_top1", [("demo", 0.82), ("qwen2.5-coder-1.5b-instruct-int4", 0.85)])
 def test_int4_build_is_faithful_and_answers_code(recipe, min_top1, tmp_path):
-    result = build(load_recipe(recipe), out=tmp_path / recipe, progress=False)
+    result = build(load_recipe(recipe), out=tmp_path / recipe)
     fidelity = result.manifest["fidelity"]["overall"]
     assert fidelity["top1_agreement"] >= min_top1
     assert fidelity["ppl_artifact"] < 1.15 * fidelity["ppl_reference"]

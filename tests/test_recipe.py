@@ -151,7 +151,10 @@ def test_mixed_precision_policy(tmp_path):
     mixed = Precision(method="mixed")
     assert mixed.bits_for("model.layers.3.mlp.down_proj.weight") == "int8"
     assert mixed.bits_for("model.layers.3.mlp.up_proj.weight") == "int4"
-    assert Precision(method="mixed", int8_layers=("*.q_proj.weight",)).bits_for("model.layers.0.self_attn.q_proj.weight") == "int8"
+    assert (
+        Precision(method="mixed", int8_layers=("*.q_proj.weight",)).bits_for("model.layers.0.self_attn.q_proj.weight")
+        == "int8"
+    )
     assert Precision().bits_for(DEFAULT_INT8_LAYERS[0].replace("*", "0")) == "int4"
     assert Precision(weights="int8", embedding="same", lm_head="fp32").embedding_bits == "int8"
     assert Precision(weights="int8", lm_head="fp32").lm_head_bits == "fp32"
@@ -180,10 +183,17 @@ def test_backend_field(tmp_path):
 
 def test_static_profile_rules(tmp_path):
     profile = recipe_profile(load_recipe("qwen2.5-coder-0.5b-instruct-qnn"))
-    assert (profile.graph, profile.execution_provider, profile.chunk, profile.share_weights) == ("static", "qnn", 64, True)
+    assert (profile.graph, profile.execution_provider, profile.chunk, profile.share_weights) == (
+        "static",
+        "qnn",
+        64,
+        True,
+    )
     base = "name: x\nsource: Qwen/Qwen3-0.6B\nprofile: qnn-htp\ncontext_length: 256\n"
     assert load_recipe(write(tmp_path, base)).context_length == 256
-    assert "must exceed the profile's prefill chunk 256" in error_of(write(tmp_path, base + "overrides: {chunk: 256}\n"))
+    assert "must exceed the profile's prefill chunk 256" in error_of(
+        write(tmp_path, base + "overrides: {chunk: 256}\n")
+    )
     msg = error_of(write(tmp_path, base + "precision: {weights: int4, method: gptq}\n"))
     assert "per channel" in msg and "method rtn" in msg
     msg = error_of(write(tmp_path, base + "backend: olive\n"))
@@ -197,9 +207,16 @@ def test_static_profile_rules(tmp_path):
 
 def test_lm_head_int8_rows_rules(tmp_path):
     base = "name: x\nsource: Qwen/Qwen3-0.6B\n"
-    assert load_recipe(write(tmp_path, base + "precision: {lm_head_int8_rows: 8192}\n")).precision.lm_head_int8_rows == 8192
-    assert "needs an int4 lm_head" in error_of(write(tmp_path, base + "precision: {lm_head: int8, lm_head_int8_rows: 8}\n"))
+    assert (
+        load_recipe(write(tmp_path, base + "precision: {lm_head_int8_rows: 8192}\n")).precision.lm_head_int8_rows
+        == 8192
+    )
+    assert "needs an int4 lm_head" in error_of(
+        write(tmp_path, base + "precision: {lm_head: int8, lm_head_int8_rows: 8}\n")
+    )
     assert "lm_head_int8_rows" in error_of(write(tmp_path, base + "precision: {lm_head_int8_rows: -1}\n"))
     for extra in ("backend: olive\n", "profile: qnn-htp\ncontext_length: 256\n"):
-        msg = error_of(write(tmp_path, base + extra + "precision: {weights: int4, lm_head: int4, lm_head_int8_rows: 64}\n"))
+        msg = error_of(
+            write(tmp_path, base + extra + "precision: {weights: int4, lm_head: int4, lm_head_int8_rows: 64}\n")
+        )
         assert "layout of qwen-edge's CPU graph" in msg, msg

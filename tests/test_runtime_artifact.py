@@ -10,8 +10,15 @@ from qwen_edge.artifact import FORMAT, FORMAT_VERSION, Artifact
 from qwen_edge.errors import ArtifactError, QwenEdgeError
 
 MODEL = {
-    "family": "qwen2", "num_layers": 2, "num_kv_heads": 2, "head_dim": 32, "vocab_size": 600,
-    "context_length": 256, "eos_token_ids": [597], "bos_token_id": 595, "pad_token_id": 595,
+    "family": "qwen2",
+    "num_layers": 2,
+    "num_kv_heads": 2,
+    "head_dim": 32,
+    "vocab_size": 600,
+    "context_length": 256,
+    "eos_token_ids": [597],
+    "bos_token_id": 595,
+    "pad_token_id": 595,
 }
 FILES = {
     "model.onnx": b"graph" * 100,
@@ -29,8 +36,13 @@ def artifact_dir(tmp_path):
     for name, data in FILES.items():
         (root / name).write_bytes(data)
         table[name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": MODEL,
-                "profile": {"execution_provider": "cpu", "intra_op_num_threads": 2}, "files": table}
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": MODEL,
+        "profile": {"execution_provider": "cpu", "intra_op_num_threads": 2},
+        "files": table,
+    }
     (root / "manifest.json").write_text(json.dumps(manifest))
     return root
 

@@ -51,7 +51,9 @@ def write_config(tmp_path, template, **more):
 
 def test_template_helpers(tmp_path):
     source = "{{ messages[0].content | tojson }}|{{ eos_token }}|{{ strftime_now('%Y') | length }}"
-    out = ChatTemplate.from_tokenizer_config(write_config(tmp_path, source)).render([{"role": "user", "content": "é<"}])
+    out = ChatTemplate.from_tokenizer_config(write_config(tmp_path, source)).render(
+        [{"role": "user", "content": "é<"}]
+    )
     assert out == '"é<"|<|im_end|>|4'
     failing = ChatTemplate.from_tokenizer_config(write_config(tmp_path, "{{ raise_exception('no tools here') }}"))
     with pytest.raises(QwenEdgeError, match="chat template failed: no tools here; use --no-chat-template"):
@@ -130,7 +132,8 @@ def test_qwen3_second_turn_reuses_all_but_the_dropped_empty_think_block(qwen3_ge
 def test_thinking_budget_closes_thinking_and_history_drops_it(qwen3_gen):
     # this template opens the thinking block in the generation prompt, as Qwen3 thinking-only models do
     chat = ChatSession(qwen3_gen, enable_thinking=True, thinking_budget=5)
-    chat.render = lambda: ChatSession.render(chat) + "<think>\n"
+    opened = chat.template.render
+    chat.template.render = lambda *args, **kwargs: opened(*args, **kwargs) + "<think>\n"
     text = "".join(chat.send("Think a little", SamplingParams(), 20))
     close = qwen3_gen.encode(CLOSE_THINKING)
     ids = chat.last.token_ids

@@ -1,7 +1,7 @@
 """Incremental detokenizer: streamed pieces add up to the full decode and never split a character."""
 
-import tiny_models
 import pytest
+import tiny_models
 
 from qwen_edge.detokenize import Detokenizer
 

@@ -30,7 +30,7 @@ def full_logits(gen, ids):
     for i in range(info.num_layers):
         for kind in ("key", "value"):
             feeds[f"past_key_values.{i}.{kind}"] = np.zeros((1, info.num_kv_heads, n, info.head_dim), np.float32)
-    return gen.session.run(["logits"], feeds)[0][0, -1]
+    return gen.runner.session.run(["logits"], feeds)[0][0, -1]
 
 
 def test_cached_greedy_equals_recomputing_the_full_sequence(gen):
@@ -41,7 +41,7 @@ def test_cached_greedy_equals_recomputing_the_full_sequence(gen):
     seq = list(prompt)
     for _ in range(24):
         seq.append(int(np.argmax(full_logits(gen, seq))))
-    assert result.token_ids == seq[len(prompt):]
+    assert result.token_ids == seq[len(prompt) :]
     # a random model may end on an incomplete UTF-8 sequence: that tail is held back, never emitted broken
     assert text == gen.tokenizer.decode(result.token_ids).rstrip("\ufffd")
     # the cache holds the prompt and every generated token but the last
@@ -134,8 +134,9 @@ def test_streaming_chinese_never_yields_broken_characters(gen):
     def force_chinese(token):  # after the first sampled token, force the Chinese text through the loop
         return next(forced, None)
 
-    result = gen.generate(gen.encode("Hi"), SamplingParams(), 1 + len(chinese), on_token=force_chinese,
-                          stop_token_ids=())
+    result = gen.generate(
+        gen.encode("Hi"), SamplingParams(), 1 + len(chinese), on_token=force_chinese, stop_token_ids=()
+    )
     pieces = list(result)
     assert result.text.endswith(text)
     assert "".join(pieces) == gen.tokenizer.decode(result.token_ids).rstrip("\ufffd")
@@ -146,8 +147,11 @@ def test_streaming_chinese_never_yields_broken_characters(gen):
 def test_prompt_that_does_not_fit_raises_with_the_numbers(artifact):
     small = Generator(artifact, max_length=32)
     ids = list(range(10, 42))
-    with pytest.raises(ContextOverflowError, match=r"prompt has 32 tokens; with 5 new tokens it needs 37 but the "
-                                                   r"context holds 32.*raise --max-length \(up to 256\)"):
+    with pytest.raises(
+        ContextOverflowError,
+        match=r"prompt has 32 tokens; with 5 new tokens it needs 37 but the "
+        r"context holds 32.*raise --max-length \(up to 256\)",
+    ):
         small.generate(ids, SamplingParams(), 5)
 
 
@@ -168,13 +172,13 @@ def test_max_length_bounds(artifact):
 
 def test_cache_is_allocated_once_and_shared_by_past_and_present(artifact):
     g = Generator(artifact, max_length=64)
-    buffers = [buf for buf, _ in g._kv.buffers]
+    buffers = [buf for buf, _ in g.runner.cache._buffers]
     pointers = [buf.ctypes.data for buf in buffers]
     info = artifact.model
     assert all(b.shape == (1, info.num_kv_heads, 64, info.head_dim) for b in buffers)
     ids = g.encode(PROMPT)[:20]
     g.generate(ids, SamplingParams(), 10, stop_token_ids=()).read()
-    assert [buf.ctypes.data for buf, _ in g._kv.buffers] == pointers
+    assert [buf.ctypes.data for buf, _ in g.runner.cache._buffers] == pointers
     # the graph wrote keys/values in place up to the cache position and nowhere after it
     assert all(np.abs(b[:, :, : g.position]).sum() > 0 for b in buffers)
     assert all(not b[:, :, g.position :].any() for b in buffers)
@@ -225,11 +229,15 @@ def test_graph_without_num_logits_to_keep_reads_the_last_position(artifact, gen,
     graph = model.graph
     graph.input.remove(next(i for i in graph.input if i.name == "num_logits_to_keep"))
     graph.initializer.remove(next(t for t in graph.initializer if t.name == "num_logits_to_keep"))
-    graph.node.insert(0, onnx.helper.make_node("Constant", [], ["num_logits_to_keep"],
-                                               value=onnx.helper.make_tensor("v", onnx.TensorProto.INT64, [], [0])))
+    graph.node.insert(
+        0,
+        onnx.helper.make_node(
+            "Constant", [], ["num_logits_to_keep"], value=onnx.helper.make_tensor("v", onnx.TensorProto.INT64, [], [0])
+        ),
+    )
     onnx.save(model, str(copy / "model.onnx"))
     plain = Generator(Artifact.open(copy, verify="none"))
-    assert not plain.has_logits_to_keep
+    assert not plain.runner.has_logits_to_keep
     ids = gen.encode(PROMPT)
     gen.reset()
     expected = gen.generate(ids, SamplingParams(), 10, stop_token_ids=())

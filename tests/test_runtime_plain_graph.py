@@ -15,7 +15,8 @@ import shutil
 import numpy as np
 import pytest
 
-from edge.manifest import file_table, genai_config
+from edge.artifact.genai_config import genai_config
+from edge.artifact.manifest import file_table
 from edge.recipe import Profile
 from qwen_edge.artifact import Artifact
 from qwen_edge.errors import ArtifactError, QwenEdgeError
@@ -39,23 +40,29 @@ def _rewrite_genai_config(src, dst, change):
 def pair(tiny_artifact, tmp_path_factory):
     """(shared-buffer artifact, the same artifact declared as growing)."""
     shared = tiny_artifact("qwen2", weights="fp32")
-    growing = _rewrite_genai_config(shared, tmp_path_factory.mktemp("plain") / "growing",
-                                    lambda c: c["search"].update(past_present_share_buffer=False))
+    growing = _rewrite_genai_config(
+        shared,
+        tmp_path_factory.mktemp("plain") / "growing",
+        lambda c: c["search"].update(past_present_share_buffer=False),
+    )
     return shared, growing
 
 
 def test_growing_cache_matches_shared_buffer(pair):
     shared, growing = (Generator(Artifact.open(p), prefill_chunk=7) for p in pair)
-    assert type(growing._kv).__name__ == "_GrowingKV" and type(shared._kv).__name__ == "_SharedKV"
+    assert (
+        type(growing.runner.cache).__name__ == "GrowingKVCache"
+        and type(shared.runner.cache).__name__ == "SharedKVCache"
+    )
     ids = np.arange(3, 40)
     np.testing.assert_allclose(growing.append(ids), shared.append(ids), rtol=0, atol=1e-5)  # 6 chunks
     for token in (5, 9, 11):
         np.testing.assert_allclose(growing.append([token]), shared.append([token]), rtol=0, atol=1e-5)
-        assert growing._kv._values[0].shape()[2] == growing.position == shared.position
+        assert growing.runner.cache._values[0].shape()[2] == growing.position == shared.position
     for g in (shared, growing):
         g.truncate(20)  # roll back: the growing past is cut at the next step
     np.testing.assert_allclose(growing.append([1, 2, 3]), shared.append([1, 2, 3]), rtol=0, atol=1e-5)
-    assert growing._kv._values[0].shape()[2] == 23
+    assert growing.runner.cache._values[0].shape()[2] == 23
     for g in (shared, growing):
         g.reset()
     np.testing.assert_allclose(growing.append([7, 8]), shared.append([7, 8]), rtol=0, atol=1e-5)
@@ -79,14 +86,17 @@ def test_growing_generation_reuses_the_prefix(pair):
 
 
 def test_position_ids_declared_but_missing_is_an_artifact_error(pair, tmp_path):
-    bad = _rewrite_genai_config(pair[0], tmp_path / "bad",
-                                lambda c: c["model"]["decoder"]["inputs"].update(position_ids="position_ids"))
+    bad = _rewrite_genai_config(
+        pair[0], tmp_path / "bad", lambda c: c["model"]["decoder"]["inputs"].update(position_ids="position_ids")
+    )
     with pytest.raises(ArtifactError, match="position_ids"):
         Generator(Artifact.open(bad))
 
 
 def test_malformed_genai_config_is_an_artifact_error(pair, tmp_path):
-    bad = _rewrite_genai_config(pair[0], tmp_path / "bad", lambda c: c["search"].update(past_present_share_buffer="no"))
+    bad = _rewrite_genai_config(
+        pair[0], tmp_path / "bad", lambda c: c["search"].update(past_present_share_buffer="no")
+    )
     with pytest.raises(ArtifactError, match="rebuild"):
         Generator(Artifact.open(bad))
 
@@ -94,10 +104,21 @@ def test_malformed_genai_config_is_an_artifact_error(pair, tmp_path):
 def test_genai_config_describes_the_graph_layout():
     from edge.config import QwenConfig
 
-    config = QwenConfig.from_hf({
-        "model_type": "qwen2", "vocab_size": 600, "hidden_size": 128, "intermediate_size": 256,
-        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "rope_theta": 1e6,
-        "rms_norm_eps": 1e-6, "max_position_embeddings": 4096, "eos_token_id": 1})
+    config = QwenConfig.from_hf(
+        {
+            "model_type": "qwen2",
+            "vocab_size": 600,
+            "hidden_size": 128,
+            "intermediate_size": 256,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "rope_theta": 1e6,
+            "rms_norm_eps": 1e-6,
+            "max_position_embeddings": 4096,
+            "eos_token_id": 1,
+        }
+    )
     profile = Profile(name="p", description="", memory_budget_mb=100)
     native = genai_config(config, 256, profile)
     assert native["search"]["past_present_share_buffer"] is True

@@ -10,13 +10,20 @@ from qwen_edge.session import create_session, provider, session_options
 
 
 def test_profile_sets_threads_and_optimization_level():
-    so = session_options({"intra_op_num_threads": 3, "graph_optimization_level": "basic",
-                          "session_config": {"session.intra_op.allow_spinning": "0"}})
+    so = session_options(
+        {
+            "intra_op_num_threads": 3,
+            "graph_optimization_level": "basic",
+            "session_config": {"session.intra_op.allow_spinning": "0"},
+        }
+    )
     assert so.intra_op_num_threads == 3
     assert so.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     assert so.get_session_config_entry("session.intra_op.allow_spinning") == "0"
-    assert session_options({"graph_optimization_level": "ORT_DISABLE_ALL"}).graph_optimization_level == \
-        ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    assert (
+        session_options({"graph_optimization_level": "ORT_DISABLE_ALL"}).graph_optimization_level
+        == ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
     assert session_options({}).graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
 
 
@@ -46,6 +53,8 @@ def test_unknown_provider():
 def test_unloadable_model_is_a_one_line_error(tmp_path):
     bad = tmp_path / "model.onnx"
     bad.write_bytes(b"not a model")
-    with pytest.raises(ArtifactError, match=r"onnxruntime could not load .*model.onnx: .*rebuild the artifact") as info:
+    with pytest.raises(
+        ArtifactError, match=r"onnxruntime could not load .*model.onnx: .*rebuild the artifact"
+    ) as info:
         create_session(bad, {})
     assert "\n" not in str(info.value)

@@ -15,7 +15,7 @@ import pytest
 
 from qwen_edge import cli
 from qwen_edge.artifact import Artifact
-from qwen_edge.chat import ChatSession
+from qwen_edge.chat import CLOSE_THINKING, ChatSession, strip_thinking
 from qwen_edge.errors import QwenEdgeError
 from qwen_edge.generator import Generator
 from qwen_edge.sampling import SamplingParams
@@ -77,8 +77,7 @@ def test_models_list_and_retrieve(client, server):
 
 
 def test_chat_completion_equals_the_python_loop(client, artifact):
-    resp = client.chat.completions.create(model="tiny", messages=messages("Hello there"), max_tokens=12,
-                                          temperature=0)
+    resp = client.chat.completions.create(model="tiny", messages=messages("Hello there"), max_tokens=12, temperature=0)
     assert resp.object == "chat.completion" and resp.model == "tiny" and resp.id.startswith("chatcmpl-")
     choice = resp.choices[0]
     assert choice.message.role == "assistant"
@@ -89,8 +88,14 @@ def test_chat_completion_equals_the_python_loop(client, artifact):
 
 
 def test_streaming_equals_the_python_loop(client, artifact):
-    stream = client.chat.completions.create(model="tiny", messages=messages("Stream me"), max_completion_tokens=15,
-                                            temperature=0, stream=True, stream_options={"include_usage": True})
+    stream = client.chat.completions.create(
+        model="tiny",
+        messages=messages("Stream me"),
+        max_completion_tokens=15,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -104,16 +109,26 @@ def test_streaming_equals_the_python_loop(client, artifact):
 def test_stop_strings_and_sampling_extensions(client, artifact):
     full = reference(artifact, "Stop test", 20)
     stop = full[5:8]
-    resp = client.chat.completions.create(model="tiny", messages=messages("Stop test"), max_tokens=20, temperature=0,
-                                          stop=[stop, "never-appears"])
+    resp = client.chat.completions.create(
+        model="tiny", messages=messages("Stop test"), max_tokens=20, temperature=0, stop=[stop, "never-appears"]
+    )
     assert resp.choices[0].finish_reason == "stop"
     assert resp.choices[0].message.content == full[: full.index(stop)]
 
     def sampled():
-        return client.chat.completions.create(
-            model="tiny", messages=messages("Sample"), max_tokens=10, temperature=0.9, top_p=0.9, seed=7,
-            extra_body={"top_k": 20, "min_p": 0.05, "repetition_penalty": 1.1},
-        ).choices[0].message.content
+        return (
+            client.chat.completions.create(
+                model="tiny",
+                messages=messages("Sample"),
+                max_tokens=10,
+                temperature=0.9,
+                top_p=0.9,
+                seed=7,
+                extra_body={"top_k": 20, "min_p": 0.05, "repetition_penalty": 1.1},
+            )
+            .choices[0]
+            .message.content
+        )
 
     assert sampled() == sampled()  # seeded sampling is reproducible through the server
 
@@ -166,9 +181,14 @@ def test_errors_keep_a_keep_alive_connection_usable(server):
     host, port = server.server_address[:2]
     conn = http.client.HTTPConnection(host, port, timeout=30)
     good = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
-    for method, path, body, status in [("POST", "/v1/nothing", good, 404), ("POST", "/v1/chat/completions", "{", 400),
-                                       ("POST", "/v1/models", good, 405), ("POST", "/v1/chat/completions", good, 200),
-                                       ("GET", "/v1/models/tiny", None, 200), ("POST", "/v1/chat/completions", good, 200)]:
+    for method, path, body, status in [
+        ("POST", "/v1/nothing", good, 404),
+        ("POST", "/v1/chat/completions", "{", 400),
+        ("POST", "/v1/models", good, 405),
+        ("POST", "/v1/chat/completions", good, 200),
+        ("GET", "/v1/models/tiny", None, 200),
+        ("POST", "/v1/chat/completions", good, 200),
+    ]:
         conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
         resp = conn.getresponse()
         payload = json.loads(resp.read())
@@ -193,11 +213,14 @@ def test_concurrent_clients_get_their_own_answers(client, server):
 
 def test_a_disconnecting_streaming_client_frees_the_server(client, server):
     host, port = server.server_address[:2]
-    body = json.dumps({"model": "tiny", "messages": messages("Leave early"), "max_tokens": 100_000,
-                       "temperature": 0, "stream": True}).encode()
+    body = json.dumps(
+        {"model": "tiny", "messages": messages("Leave early"), "max_tokens": 100_000, "temperature": 0, "stream": True}
+    ).encode()
     sock = socket.create_connection((host, port), timeout=10)
-    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    sock.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
     received = b""
     while b"data: " not in received:
         received += sock.recv(4096)
@@ -223,20 +246,39 @@ def test_generation_stops_when_the_client_is_gone(server):
     with pytest.raises(ClientGone):
         list(pieces)
     assert not engine.lock.locked()
-    assert engine.generator.position < len(request["ids"]) + 10  # stopped after a few tokens, not at max_tokens
-    assert request["max_tokens"] == MAX_LENGTH - len(request["ids"])  # default: the rest of the context
+    assert engine.generator.position < len(request["prompt"].ids) + 10  # stopped after a few tokens, not at max_tokens
+    assert request["max_tokens"] == MAX_LENGTH - len(request["prompt"].ids)  # default: the rest of the context
 
 
 def test_cli_serve_end_to_end(artifact):
     code = "import sys; from qwen_edge.cli import main; sys.exit(main())"
-    proc = subprocess.Popen([sys.executable, "-c", code, "serve", str(artifact), "--port", "0", "--model-id", "mine",
-                             "--max-length", "128", "--verify", "size"], stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            code,
+            "serve",
+            str(artifact),
+            "--port",
+            "0",
+            "--model-id",
+            "mine",
+            "--max-length",
+            "128",
+            "--verify",
+            "size",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         banner = proc.stderr.readline()
         url = re.search(r"at (http://127\.0\.0\.1:\d+/v1) ", banner).group(1)
         client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=60)
         assert [m.id for m in client.models.list().data] == ["mine"]
-        reply = client.chat.completions.create(model="mine", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+        reply = client.chat.completions.create(
+            model="mine", messages=[{"role": "user", "content": "hi"}], max_tokens=3
+        )
         assert reply.usage.completion_tokens <= 3 and reply.choices[0].finish_reason in ("stop", "length")
     finally:
         proc.send_signal(signal.SIGINT)
@@ -256,9 +298,11 @@ def test_turn_lock_serves_in_arrival_order():
     lock, order, threads = TurnLock(), [], []
     with lock:
         for i in range(5):
+
             def take(i=i):
                 with lock:
                     order.append(i)
+
             threads.append(threading.Thread(target=take))
             threads[-1].start()
             while lock.waiting < i + 1:
@@ -266,3 +310,58 @@ def test_turn_lock_serves_in_arrival_order():
     for t in threads:
         t.join(10)
     assert order == [0, 1, 2, 3, 4] and not lock.locked() and lock.waiting == 0
+
+
+@pytest.fixture(scope="module")
+def thinking_server(tiny_artifact):
+    """A tiny Qwen3 whose generation prompt opens the thinking block (as thinking-only models do)."""
+    engine = Engine(Generator(Artifact.open(tiny_artifact("qwen3", tied=True)), max_length=MAX_LENGTH))
+    opened = engine.chat.template.render
+    engine.chat.template.render = lambda *args, **kwargs: opened(*args, **kwargs) + "<think>\n"
+    srv = ChatServer(engine, "127.0.0.1", 0, quiet=True)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_server_honours_the_thinking_budget_and_returns_the_thinking_apart(thinking_server):
+    engine = thinking_server.engine
+    chat = ChatSession(engine.generator, thinking_budget=5)
+    chat.template.render = engine.chat.template.render
+    expected = "".join(chat.send("Think a little", SamplingParams(), 20))
+    close_ids = engine.generator.encode(CLOSE_THINKING)
+    assert chat.last.token_ids[5 : 5 + len(close_ids)] == close_ids  # the reference closed its thinking at 5
+    engine.generator.reset()
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "Think a little"}],
+        "temperature": 0,
+        "max_tokens": 20,
+        "thinking_budget": 5,
+    }
+    status, _, reply = raw(thinking_server, "POST", "/v1/chat/completions", body)
+    assert status == 200, reply
+    message = reply["choices"][0]["message"]
+    assert message["content"] == strip_thinking(expected)
+    assert message["reasoning_content"] and "</think>" not in message["reasoning_content"]
+    assert "</think>" not in message["content"]
+    client = openai.OpenAI(base_url=thinking_server.url, api_key="none", max_retries=0, timeout=60)
+    stream = client.chat.completions.create(
+        model="tiny",
+        messages=body["messages"],
+        temperature=0,
+        max_tokens=20,
+        stream=True,
+        extra_body={"thinking_budget": 5},
+    )
+    content, reasoning = "", ""
+    for chunk in stream:
+        if chunk.choices:
+            delta = chunk.choices[0].delta
+            content += delta.content or ""
+            reasoning += (delta.model_extra or {}).get("reasoning_content") or ""
+    assert (content, reasoning) == (message["content"], message["reasoning_content"])
+    assert message["content"]  # the budget closed the thinking, so an answer followed
+    _, _, reply = raw(thinking_server, "POST", "/v1/chat/completions", dict(body, thinking_budget=None))
+    assert reply["choices"][0]["message"]["content"] == ""  # without it, all 20 tokens stay in the thinking

@@ -13,15 +13,16 @@ import pytest
 import torch
 
 from edge.config import UnsupportedModelError
-from edge.sources import SourceError, file_sha256, open_source, row_blocks, write_hf_directory
+from edge.sources import open_source
+from edge.sources.base import SourceError, file_sha256, row_blocks, write_hf_directory
 
 VARIANTS = [("qwen2", False), ("qwen2", True), ("qwen3", True), ("qwen3", False)]
 
 
 @pytest.mark.parametrize("family,tied", VARIANTS)
 def test_hf_dir_and_f32_gguf_agree(tiny_model, tiny_gguf, family, tied):
-    hf = open_source(str(tiny_model(family, tied)), progress=False)
-    gg = open_source(str(tiny_gguf(family, tied)), progress=False)
+    hf = open_source(str(tiny_model(family, tied)))
+    gg = open_source(str(tiny_gguf(family, tied)))
     assert (hf.kind, gg.kind) == ("hf", "gguf")
     assert hf.config == gg.config
     assert hf.config.family == family and hf.config.tie_word_embeddings == tied
@@ -35,12 +36,13 @@ def test_hf_dir_and_f32_gguf_agree(tiny_model, tiny_gguf, family, tied):
     for src in (hf, gg):
         np.testing.assert_array_equal(src.tensor(name, rows=slice(0, 70)), hf.tensor(name)[:70])
         np.testing.assert_array_equal(src.tensor(name, rows=slice(550, 700)), hf.tensor(name)[550:])
-        np.testing.assert_array_equal(np.concatenate([r for _, r in row_blocks(src.tensor, name, 600, 256)]),
-                                      hf.tensor(name))
+        np.testing.assert_array_equal(
+            np.concatenate([r for _, r in row_blocks(src.tensor, name, 600, 256)]), hf.tensor(name)
+        )
 
 
 def test_tensor_layout_is_hf_out_in(tiny_qwen3_untied):
-    src = open_source(str(tiny_qwen3_untied), progress=False)
+    src = open_source(str(tiny_qwen3_untied))
     assert src.tensor("model.layers.0.self_attn.q_proj.weight").shape == (128, 128)
     assert src.tensor("model.layers.1.self_attn.k_proj.weight").shape == (64, 128)
     assert src.tensor("model.layers.0.mlp.down_proj.weight").shape == (128, 256)
@@ -49,8 +51,8 @@ def test_tensor_layout_is_hf_out_in(tiny_qwen3_untied):
 
 
 def test_q8_gguf_dequantizes_close(tiny_qwen2, tiny_gguf):
-    hf = open_source(str(tiny_qwen2), progress=False)
-    q8 = open_source(str(tiny_gguf("qwen2", False, "Q8_0")), progress=False)
+    hf = open_source(str(tiny_qwen2))
+    q8 = open_source(str(tiny_gguf("qwen2", False, "Q8_0")))
     assert q8.config == hf.config
     w = hf.tensor("model.layers.1.mlp.up_proj.weight")
     err = np.abs(q8.tensor("model.layers.1.mlp.up_proj.weight") - w).max()
@@ -59,7 +61,7 @@ def test_q8_gguf_dequantizes_close(tiny_qwen2, tiny_gguf):
 
 @pytest.mark.parametrize("fixture", ["tiny_qwen2_tied", "tiny_qwen3", "tiny_qwen3_gguf"])
 def test_tied_model_has_no_lm_head(request, fixture):
-    src = open_source(str(request.getfixturevalue(fixture)), progress=False)
+    src = open_source(str(request.getfixturevalue(fixture)))
     assert src.config.tie_word_embeddings
     assert not src.has_tensor("lm_head.weight")
     with pytest.raises(SourceError, match="ties lm_head"):
@@ -67,7 +69,7 @@ def test_tied_model_has_no_lm_head(request, fixture):
 
 
 def test_untied_model_has_lm_head(tiny_qwen2_gguf):
-    src = open_source(str(tiny_qwen2_gguf), progress=False)
+    src = open_source(str(tiny_qwen2_gguf))
     assert src.tensor("lm_head.weight").shape == (600, 128)
 
 
@@ -77,9 +79,9 @@ def test_sharded_safetensors(tiny_qwen2, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tiny_qwen2, dtype=torch.float32)
     model.save_pretrained(tmp_path, max_shard_size="600KB")
     assert (tmp_path / "model.safetensors.index.json").is_file()
-    sharded = open_source(str(tmp_path), cache_dir=tmp_path / "cache", progress=False)
+    sharded = open_source(str(tmp_path), cache_dir=tmp_path / "cache")
     assert len(sharded.weight_files()) > 1
-    ref = open_source(str(tiny_qwen2), progress=False)
+    ref = open_source(str(tiny_qwen2))
     assert sharded.config == ref.config
     for name in ref.tensor_names():
         np.testing.assert_array_equal(sharded.tensor(name), ref.tensor(name))
@@ -173,11 +175,11 @@ def test_hub_id_offline_not_cached(monkeypatch, tmp_path):
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(SourceError, match="not in the local Hugging Face cache.*local model directory or a .gguf"):
-        open_source("Qwen/Qwen2.5-0.5B-Instruct", progress=False)
+        open_source("Qwen/Qwen2.5-0.5B-Instruct")
 
 
 def test_fingerprint_and_hash_sidecar(tiny_qwen2, tmp_path):
-    src = open_source(str(tiny_qwen2), cache_dir=tmp_path / "cache", progress=False)
+    src = open_source(str(tiny_qwen2), cache_dir=tmp_path / "cache")
     data = (tiny_qwen2 / "model.safetensors").read_bytes()
     fp = src.fingerprint()
     assert fp["kind"] == "hf" and fp["spec"] == str(tiny_qwen2)
@@ -195,12 +197,16 @@ def test_fingerprint_and_hash_sidecar(tiny_qwen2, tmp_path):
 def test_write_tokenizer_hf_and_gguf_agree(tiny_model, tiny_gguf, tmp_path, family, tied):
     from transformers import AutoTokenizer
 
-    open_source(str(tiny_model(family, tied)), progress=False).write_tokenizer(tmp_path / "hf")
-    open_source(str(tiny_gguf(family, tied)), progress=False).write_tokenizer(tmp_path / "gguf")
+    open_source(str(tiny_model(family, tied))).write_tokenizer(tmp_path / "hf")
+    open_source(str(tiny_gguf(family, tied))).write_tokenizer(tmp_path / "gguf")
     for d in ("hf", "gguf"):
         cfg = json.loads((tmp_path / d / "tokenizer_config.json").read_text(encoding="utf-8"))
         assert "<|im_start|>" in cfg["chat_template"]
-        assert (cfg["eos_token"], cfg["pad_token"], cfg["bos_token"]) == ("<|im_end|>", "<|endoftext|>", "<|endoftext|>")
+        assert (cfg["eos_token"], cfg["pad_token"], cfg["bos_token"]) == (
+            "<|im_end|>",
+            "<|endoftext|>",
+            "<|endoftext|>",
+        )
         assert not (tmp_path / d / "chat_template.jinja").exists()
     assert (tmp_path / "hf" / "generation_config.json").is_file()
     hf, gg = AutoTokenizer.from_pretrained(tmp_path / "hf"), AutoTokenizer.from_pretrained(tmp_path / "gguf")
@@ -216,8 +222,8 @@ def test_write_tokenizer_hf_and_gguf_agree(tiny_model, tiny_gguf, tmp_path, fami
 
 @pytest.mark.parametrize("family,tied", [("qwen2", False), ("qwen3", True)])
 def test_reference_models_agree(tiny_model, tiny_gguf, family, tied):
-    hf = open_source(str(tiny_model(family, tied)), progress=False).reference_model()
-    gg = open_source(str(tiny_gguf(family, tied)), progress=False).reference_model()
+    hf = open_source(str(tiny_model(family, tied))).reference_model()
+    gg = open_source(str(tiny_gguf(family, tied))).reference_model()
     ids = torch.arange(0, 600, 7).unsqueeze(0)
     with torch.no_grad():
         a, b = hf(ids).logits, gg(ids).logits
@@ -233,7 +239,14 @@ def test_real_qwen25_coder_gguf():
 
     src = open_source(str(ensure_gguf("0.5b")))
     c = src.config
-    assert (c.family, c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim) == ("qwen2", 24, 896, 14, 2, 64)
+    assert (c.family, c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim) == (
+        "qwen2",
+        24,
+        896,
+        14,
+        2,
+        64,
+    )
     assert (c.vocab_size, c.tie_word_embeddings, c.intermediate_size) == (151936, False, 4864)
     ref = AutoModelForCausalLM.from_pretrained(src.path.parent, gguf_file=src.path.name, dtype=torch.float32)
     for name in ("model.layers.3.self_attn.k_proj.weight", "model.layers.3.self_attn.k_proj.bias", "lm_head.weight"):
@@ -243,14 +256,15 @@ def test_real_qwen25_coder_gguf():
 
 @pytest.mark.parametrize("family", ["qwen2", "qwen3"])
 def test_write_hf_directory_round_trips(tiny_gguf, tmp_path, family):
-    gguf = open_source(str(tiny_gguf(family)), progress=False)
-    out = write_hf_directory(gguf, tmp_path / "hf", progress=False)
+    gguf = open_source(str(tiny_gguf(family)))
+    out = write_hf_directory(gguf, tmp_path / "hf")
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
-    hf = open_source(str(out), progress=False)
+    hf = open_source(str(out))
     assert hf.config == gguf.config
     for name in gguf.tensor_names():
         np.testing.assert_array_equal(hf.tensor(name), gguf.tensor(name))
     ids = torch.tensor([[1, 5, 9, 2]])
     with torch.no_grad():
-        np.testing.assert_allclose(hf.reference_model()(ids).logits.numpy(),
-                                   gguf.reference_model()(ids).logits.numpy(), atol=1e-5)
+        np.testing.assert_allclose(
+            hf.reference_model()(ids).logits.numpy(), gguf.reference_model()(ids).logits.numpy(), atol=1e-5
+        )

@@ -7,19 +7,20 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from edge.manifest import model_block
+from edge.artifact.manifest import model_block
+from edge.graph.static import MASK_VALUE, export_static
 from edge.sources import open_source
-from edge.static_graph import MASK_VALUE, export_static
 from qwen_edge.artifact import Artifact
 from qwen_edge.errors import ContextOverflowError, QwenEdgeError
+from qwen_edge.generator import Generator
+from qwen_edge.runner import StaticRunner
 from qwen_edge.sampling import SamplingParams
-from qwen_edge.static_generator import StaticGenerator
 
 CHUNK, CONTEXT = 8, 48
 IDS = np.random.default_rng(11).integers(0, 590, 30).tolist()
 FAMILIES = [("qwen2", False), ("qwen3", True)]
 
-# RMSNorm is LpNormalization without eps (see edge.static_graph): on these tiny models, whose hidden
+# RMSNorm is LpNormalization without eps (see edge.graph.static): on these tiny models, whose hidden
 # states have a mean square near 0.01, leaving eps = 1e-6 out moves logits by about 1e-4.
 ATOL = 5e-4
 
@@ -28,9 +29,9 @@ ATOL = 5e-4
 def static(request, tiny_model, tmp_path_factory):
     """(export info, artifact, HF reference model) of one tiny model exported as static graphs."""
     model_dir = tiny_model(*request.param)
-    source = open_source(str(model_dir), progress=False)
+    source = open_source(str(model_dir))
     out = tmp_path_factory.mktemp("static")
-    info = export_static(source, out, chunk=CHUNK, context_length=CONTEXT, progress=False)
+    info = export_static(source, out, chunk=CHUNK, context_length=CONTEXT)
     source.write_tokenizer(out)
     artifact = Artifact(out, {"model": model_block(source.config, CONTEXT), "profile": {}, "static": info})
     reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -54,22 +55,24 @@ def run_prefill_graph(sess, ids, layers, kv_heads, head_dim):
     values = [np.zeros((1, kv_heads, CONTEXT, head_dim), np.float32) for _ in range(layers)]
     out = []
     for pos in range(0, len(ids), CHUNK):
-        part = ids[pos:pos + CHUNK]
+        part = ids[pos : pos + CHUNK]
         n = len(part)
         bias = np.full((1, 1, CHUNK, CONTEXT + CHUNK), MASK_VALUE, np.float32)
         bias[0, 0, :, :pos] = 0
         bias[0, 0, :, CONTEXT:] = np.where(np.tri(CHUNK, dtype=bool), 0, MASK_VALUE)
-        feeds = {"input_ids": np.array([part + [0] * (CHUNK - n)], np.int32),
-                 "position_ids": np.arange(pos, pos + CHUNK, dtype=np.int32)[None],
-                 "attention_bias": bias}
+        feeds = {
+            "input_ids": np.array([part + [0] * (CHUNK - n)], np.int32),
+            "position_ids": np.arange(pos, pos + CHUNK, dtype=np.int32)[None],
+            "attention_bias": bias,
+        }
         for i in range(layers):
             feeds[f"past_key_{i}"], feeds[f"past_value_{i}"] = keys[i], values[i]
         logits, *presents = sess.run(None, feeds)
         assert logits.shape == (1, CHUNK, 600)
         out.append(logits[0, :n])
         for i in range(layers):
-            keys[i][..., pos:pos + n] = presents[2 * i][..., :n]
-            values[i][:, :, pos:pos + n] = presents[2 * i + 1][:, :, :n]
+            keys[i][..., pos : pos + n] = presents[2 * i][..., :n]
+            values[i][:, :, pos : pos + n] = presents[2 * i + 1][:, :, :n]
     return np.concatenate(out)
 
 
@@ -84,7 +87,8 @@ def test_prefill_graph_matches_transformers(static, length):
 
 def test_decode_steps_match_transformers_cache(static):
     _, artifact, reference = static
-    gen = StaticGenerator(artifact)
+    gen = Generator(artifact)
+    assert isinstance(gen.runner, StaticRunner)
     prompt, steps = IDS[:13], IDS[13:25]
     with torch.no_grad():
         out = reference(torch.tensor([prompt]), use_cache=True)
@@ -101,11 +105,15 @@ def test_decode_steps_match_transformers_cache(static):
 def test_greedy_generation_equals_transformers_and_reuses_the_prefix(static):
     _, artifact, reference = static
     seen = []
-    gen = StaticGenerator(artifact, on_feeds=lambda name, feeds: seen.append((name, feeds["input_ids"].shape)))
+    gen = Generator(
+        artifact,
+        runner=StaticRunner(artifact, on_feeds=lambda name, feeds: seen.append((name, feeds["input_ids"].shape))),
+    )
     prompt = IDS[:11]
     with torch.no_grad():
-        expected = reference.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=14,
-                                      min_new_tokens=14, pad_token_id=0)[0, len(prompt):].tolist()
+        expected = reference.generate(
+            torch.tensor([prompt]), do_sample=False, max_new_tokens=14, min_new_tokens=14, pad_token_id=0
+        )[0, len(prompt) :].tolist()
     result = gen.generate(prompt, SamplingParams(), 14, stop_token_ids=())
     result.read()
     assert result.token_ids == expected and result.finish_reason == "max_tokens"
@@ -121,8 +129,8 @@ def test_greedy_generation_equals_transformers_and_reuses_the_prefix(static):
 
 def test_context_is_the_graphs_fixed_length(static):
     _, artifact, _ = static
-    gen = StaticGenerator(artifact, sessions=(cpu_session(artifact.path("prefill.onnx")),
-                                              cpu_session(artifact.path("decode.onnx"))))
+    sessions = (cpu_session(artifact.path("prefill.onnx")), cpu_session(artifact.path("decode.onnx")))
+    gen = Generator(artifact, runner=StaticRunner(artifact, sessions=sessions))
     with pytest.raises(ContextOverflowError):
         gen.generate(IDS[:1] * CONTEXT, SamplingParams(), 1)
     result = gen.generate(IDS[:30], SamplingParams(), 40, stop_token_ids=())
@@ -151,12 +159,19 @@ def test_graphs_are_static_standard_onnx(static):
         assert shapes["past_key_0"][3] == shapes["past_value_0"][2] == CONTEXT
 
 
-@pytest.mark.parametrize("chunk,context,mask,message", [
-    (24, 64, MASK_VALUE, "must divide"), (64, 64, MASK_VALUE, "larger than the chunk"), (1, 64, MASK_VALUE, ">= 2"),
-    (64, 1 << 20, MASK_VALUE, "positions"), (8, 64, float("-inf"), "mask_value"), (8, 64, -1.0, "mask_value"),
-])
+@pytest.mark.parametrize(
+    "chunk,context,mask,message",
+    [
+        (24, 64, MASK_VALUE, "must divide"),
+        (64, 64, MASK_VALUE, "larger than the chunk"),
+        (1, 64, MASK_VALUE, ">= 2"),
+        (64, 1 << 20, MASK_VALUE, "positions"),
+        (8, 64, float("-inf"), "mask_value"),
+        (8, 64, -1.0, "mask_value"),
+    ],
+)
 def test_bad_export_arguments_are_refused(tiny_model, tmp_path, chunk, context, mask, message):
-    source = open_source(str(tiny_model("qwen2", False)), progress=False)
+    source = open_source(str(tiny_model("qwen2", False)))
     with pytest.raises(QwenEdgeError, match=message):
-        export_static(source, tmp_path / "out", chunk=chunk, context_length=context, mask_value=mask, progress=False)
+        export_static(source, tmp_path / "out", chunk=chunk, context_length=context, mask_value=mask)
     assert not (tmp_path / "out").exists()

@@ -208,8 +208,7 @@ GENERATION_DEFAULTS = {
 
 def build_tokenizer():
     """The shared tiny byte-level BPE tokenizer (`tokenizers.Tokenizer`), built the Qwen2 way."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-    from tokenizers import AddedToken
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
     tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
@@ -237,8 +236,12 @@ def build_tokenizer():
 def _tokenizer_config(tok, family: str) -> dict:
     decoder = {
         str(tok.token_to_id(t)): {
-            "content": t, "lstrip": False, "normalized": False, "rstrip": False,
-            "single_word": False, "special": t in SPECIAL_TOKENS,
+            "content": t,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": t in SPECIAL_TOKENS,
         }
         for t in SPECIAL_TOKENS + PLAIN_ADDED_TOKENS
     }
@@ -265,10 +268,20 @@ def hf_config(family: str, tied: bool, vocab_size: int, eot: int, im_end: int):
     from transformers import Qwen2Config, Qwen3Config
 
     common = dict(
-        vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-        rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=tied,
-        bos_token_id=eot, eos_token_id=im_end, pad_token_id=eot, use_sliding_window=False,
+        vocab_size=vocab_size,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        rope_theta=1e6,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=tied,
+        bos_token_id=eot,
+        eos_token_id=im_end,
+        pad_token_id=eot,
+        use_sliding_window=False,
     )
     if family == "qwen2":
         return Qwen2Config(**common)
@@ -336,8 +349,11 @@ _LAYER_NAMES = {
     "mlp.up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
 }
-_GLOBAL_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-                 "lm_head.weight": "output.weight"}
+_GLOBAL_NAMES = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
 
 
 def gguf_tensor_name(hf_name: str) -> str:
@@ -367,7 +383,8 @@ def write_gguf(hf_dir: Path, out_path: Path, qtype: str = "F32") -> Path:
     for token, idx in vocab.items():
         tokens[idx] = token
     types = [
-        (gguf.TokenType.CONTROL if added[t]["special"] else gguf.TokenType.USER_DEFINED) if t in added
+        (gguf.TokenType.CONTROL if added[t]["special"] else gguf.TokenType.USER_DEFINED)
+        if t in added
         else gguf.TokenType.NORMAL
         for t in tokens
     ]
@@ -402,8 +419,11 @@ def write_gguf(hf_dir: Path, out_path: Path, qtype: str = "F32") -> Path:
     for name, arr in load_file(str(hf_dir / "model.safetensors")).items():
         arr = np.ascontiguousarray(arr, dtype=np.float32)
         if qtype == "Q8_0" and arr.ndim == 2:
-            w.add_tensor(gguf_tensor_name(name), gguf.quants.quantize(arr, gguf.GGMLQuantizationType.Q8_0),
-                         raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            w.add_tensor(
+                gguf_tensor_name(name),
+                gguf.quants.quantize(arr, gguf.GGMLQuantizationType.Q8_0),
+                raw_dtype=gguf.GGMLQuantizationType.Q8_0,
+            )
         else:
             w.add_tensor(gguf_tensor_name(name), arr)
     w.write_header_to_file()

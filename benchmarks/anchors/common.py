@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import resource
@@ -16,9 +17,23 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 METRICS = ("ttft_ms", "prefill_tps", "decode_tps", "peak_rss_mb", "load_ms")
+
+
+def _runtime_memory():
+    """runtimes/qwen_edge/memory.py on its own: the anchors' virtual environments do not install qwen_edge
+    (whose package imports onnxruntime and tokenizers), and that module needs the standard library only."""
+    path = Path(__file__).resolve().parents[2] / "runtimes" / "qwen_edge" / "memory.py"
+    spec = importlib.util.spec_from_file_location("qwen_edge_memory", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+peak_rss_mb = _runtime_memory().peak_rss_mb  # the one peak-RSS helper of the build, `bench` and the benchmarks
 
 
 def fail(message: str) -> None:
@@ -51,17 +66,25 @@ class CpuClock:
         return after.ru_utime + after.ru_stime - self._before.ru_utime - self._before.ru_stime
 
 
-def record(anchor: str, prompt_tokens: int, ttft_s: float, decode_s: float, count: int,
-           load_ms: float, cpu_s: float, threads) -> dict:
-    """The JSON record of one timed generation (peak RSS = this process's ru_maxrss so far)."""
-    return {"anchor": anchor, "ttft_ms": round(ttft_s * 1000, 1),
-            "prefill_tps": round(prompt_tokens / ttft_s, 1),
-            "decode_tps": round((count - 1) / decode_s, 2) if count > 1 and decode_s > 0 else None,
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "prompt_tokens": prompt_tokens, "new_tokens": count, "load_ms": round(load_ms, 1),
-            # on a busy machine cpu_s / wall_s falls well below the thread count
-            "threads": threads, "cpu_s": round(cpu_s, 2), "wall_s": round(ttft_s + decode_s, 2),
-            "loadavg_1m": round(os.getloadavg()[0], 2)}
+def record(
+    anchor: str, prompt_tokens: int, ttft_s: float, decode_s: float, count: int, load_ms: float, cpu_s: float, threads
+) -> dict:
+    """The JSON record of one timed generation (peak RSS = this process's so far)."""
+    return {
+        "anchor": anchor,
+        "ttft_ms": round(ttft_s * 1000, 1),
+        "prefill_tps": round(prompt_tokens / ttft_s, 1),
+        "decode_tps": round((count - 1) / decode_s, 2) if count > 1 and decode_s > 0 else None,
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "prompt_tokens": prompt_tokens,
+        "new_tokens": count,
+        "load_ms": round(load_ms, 1),
+        # on a busy machine cpu_s / wall_s falls well below the thread count
+        "threads": threads,
+        "cpu_s": round(cpu_s, 2),
+        "wall_s": round(ttft_s + decode_s, 2),
+        "loadavg_1m": round(os.getloadavg()[0], 2),
+    }
 
 
 def repeat(script: str, run_argv: list[str], reps: int, anchor: str) -> list[dict]:
@@ -80,8 +103,13 @@ def repeat(script: str, run_argv: list[str], reps: int, anchor: str) -> list[dic
         print(json.dumps(result), flush=True)
         runs.append(result)
     median = {k: statistics.median(r[k] for r in runs) for k in METRICS if runs[0].get(k) is not None}
-    median.update(run="median", anchor=anchor, prompt_tokens=runs[0]["prompt_tokens"],
-                  new_tokens=runs[0]["new_tokens"], reps=len(runs))
+    median.update(
+        run="median",
+        anchor=anchor,
+        prompt_tokens=runs[0]["prompt_tokens"],
+        new_tokens=runs[0]["new_tokens"],
+        reps=len(runs),
+    )
     print(json.dumps(median), flush=True)
     return runs
 
@@ -128,8 +156,14 @@ def hf_generate(model, ids: list[int], new_tokens: int) -> tuple[float, float, i
     stamps = Stamps()
     inp = torch.tensor([ids], dtype=torch.long)
     t0 = time.perf_counter()
-    out = model.generate(input_ids=inp, attention_mask=torch.ones_like(inp), do_sample=False,
-                         max_new_tokens=new_tokens, min_new_tokens=new_tokens, streamer=stamps)
+    out = model.generate(
+        input_ids=inp,
+        attention_mask=torch.ones_like(inp),
+        do_sample=False,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        streamer=stamps,
+    )
     t2 = time.perf_counter()
     count = out.shape[1] - len(ids)
     t1 = stamps.times[1]  # put() #0 is the prompt, #1 the first new token
@@ -151,8 +185,13 @@ def hf_run(args, anchor: str, load: Callable[[str, int], object], default_thread
     return record(anchor, len(ids), ttft, decode, count, load_ms, clock.stop(), args.threads or default_threads)
 
 
-def code_prompt(templated: Callable[[str], list[int]], encode: Callable[[str], list[int]],
-                decode: Callable[[list[int]], str], n: int, tail: int = 5) -> list[int]:
+def code_prompt(
+    templated: Callable[[str], list[int]],
+    encode: Callable[[str], list[int]],
+    decode: Callable[[list[int]], str],
+    n: int,
+    tail: int = 5,
+) -> list[int]:
     """A chat-templated prompt of exactly `n` tokens asking about a fixed code text (the standard
     library's textwrap source): the longest code prefix that fits, topped up with code ids before the
     template's last `tail` tokens when decode/encode round trips merge tokens."""
@@ -170,7 +209,7 @@ def code_prompt(templated: Callable[[str], list[int]], encode: Callable[[str], l
             hi = mid - 1
     ids = templated(head + decode(code_ids[:lo]))
     if len(ids) < n:
-        ids = ids[:-tail] + code_ids[lo:lo + n - len(ids)] + ids[-tail:]
+        ids = ids[:-tail] + code_ids[lo : lo + n - len(ids)] + ids[-tail:]
     if len(ids) != n:
         fail(f"could not build a prompt of exactly {n} tokens (got {len(ids)})")
     return ids
@@ -192,8 +231,12 @@ def add_run_args(p, model_help: str, threads: int, threads_help: str) -> None:
     p.add_argument("--ids-file", required=True, help="prompts JSON written by benchmarks/run.py")
     p.add_argument("--prompt-tokens", type=int, default=40, help="which prompt of the file (its length)")
     p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--warmup-tokens", type=int, default=2,
-                   help="in-process warm-up generation on the first 32 prompt ids (0: none)")
+    p.add_argument(
+        "--warmup-tokens",
+        type=int,
+        default=2,
+        help="in-process warm-up generation on the first 32 prompt ids (0: none)",
+    )
     p.add_argument("--reps", type=int, default=3, help="repeat only: measured processes")
 
 
@@ -201,5 +244,17 @@ def run_argv(args) -> list[str]:
     """The `run` arguments that reproduce `args` (for `repeat`); checks them."""
     if args.new_tokens < 1:
         fail("--new-tokens must be at least 1")
-    return ["--model", args.model, "--threads", str(args.threads), "--ids-file", args.ids_file, "--prompt-tokens", str(args.prompt_tokens),
-            "--new-tokens", str(args.new_tokens), "--warmup-tokens", str(args.warmup_tokens)]
+    return [
+        "--model",
+        args.model,
+        "--threads",
+        str(args.threads),
+        "--ids-file",
+        args.ids_file,
+        "--prompt-tokens",
+        str(args.prompt_tokens),
+        "--new-tokens",
+        str(args.new_tokens),
+        "--warmup-tokens",
+        str(args.warmup_tokens),
+    ]

@@ -49,8 +49,21 @@ def build(args: argparse.Namespace) -> dict:
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out)}-")
     cache = tempfile.mkdtemp(prefix="genai-builder-cache-")
-    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", args.input, "-o", tmp,
-           "-p", args.precision, "-e", "cpu", "-c", cache]
+    cmd = [
+        sys.executable,
+        "-m",
+        "onnxruntime_genai.models.builder",
+        "-i",
+        args.input,
+        "-o",
+        tmp,
+        "-p",
+        args.precision,
+        "-e",
+        "cpu",
+        "-c",
+        cache,
+    ]
     if args.extra_options:
         cmd += ["--extra_options", *args.extra_options]
     t0 = time.perf_counter()
@@ -72,13 +85,19 @@ def build(args: argparse.Namespace) -> dict:
         shutil.rmtree(out)
     os.rename(tmp, out)
     files = {f: os.path.getsize(os.path.join(out, f)) for f in sorted(os.listdir(out))}
-    return {"anchor": "onnxruntime-genai", "command": " ".join(cmd[1:]).replace(tmp, out),
-            "build_s": round(seconds, 1), "peak_rss_mb": round(peak / 2**20, 1),
-            "artifact_bytes": _dir_bytes(out), "files": files}
+    return {
+        "anchor": "onnxruntime-genai",
+        "command": " ".join(cmd[1:]).replace(tmp, out),
+        "build_s": round(seconds, 1),
+        "peak_rss_mb": round(peak / 2**20, 1),
+        "artifact_bytes": _dir_bytes(out),
+        "files": files,
+    }
 
 
 def _prompt_ids(tok, prompt: str, prompt_tokens: int | None) -> list[int]:
     """Token ids of the chat-templated prompt; with prompt_tokens, filler code trimmed to that length."""
+
     def templated(user: str) -> list[int]:
         messages = json.dumps([{"role": "user", "content": user}])
         return list(tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True)))
@@ -134,21 +153,38 @@ def run(args: argparse.Namespace) -> dict:
     ttft, decode, count = _generate(og, model, ids, args.new_tokens)
     after = resource.getrusage(resource.RUSAGE_SELF)
     cpu_s = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
-    return {"anchor": "onnxruntime-genai", "ttft_ms": round(ttft * 1000, 1),
-            "prefill_tps": round(len(ids) / ttft, 1),
-            "decode_tps": round((count - 1) / decode, 2) if count > 1 else None,
-            "peak_rss_mb": round(after.ru_maxrss / 1024, 1), "prompt_tokens": len(ids), "new_tokens": count,
-            "load_ms": round(load_ms, 1),
-            # CPU seconds this process got during the timed generation vs its wall time: on a
-            # busy machine cpu_s / wall_s falls well below the thread count.
-            "threads": args.threads or "ort-default", "cpu_s": round(cpu_s, 2), "wall_s": round(ttft + decode, 2),
-            "loadavg_1m": round(os.getloadavg()[0], 2)}
+    return {
+        "anchor": "onnxruntime-genai",
+        "ttft_ms": round(ttft * 1000, 1),
+        "prefill_tps": round(len(ids) / ttft, 1),
+        "decode_tps": round((count - 1) / decode, 2) if count > 1 else None,
+        "peak_rss_mb": round(common.peak_rss_mb(), 1),
+        "prompt_tokens": len(ids),
+        "new_tokens": count,
+        "load_ms": round(load_ms, 1),
+        # CPU seconds this process got during the timed generation vs its wall time: on a
+        # busy machine cpu_s / wall_s falls well below the thread count.
+        "threads": args.threads or "ort-default",
+        "cpu_s": round(cpu_s, 2),
+        "wall_s": round(ttft + decode, 2),
+        "loadavg_1m": round(os.getloadavg()[0], 2),
+    }
 
 
 def repeat(args: argparse.Namespace) -> list[dict]:
     """A discarded warm-up process, then args.reps fresh `run` processes; prints each and the median."""
-    argv = ["--model", args.model, "--new-tokens", str(args.new_tokens), "--warmup-tokens", str(args.warmup_tokens),
-            "--prompt", args.prompt, "--threads", str(args.threads)]
+    argv = [
+        "--model",
+        args.model,
+        "--new-tokens",
+        str(args.new_tokens),
+        "--warmup-tokens",
+        str(args.warmup_tokens),
+        "--prompt",
+        args.prompt,
+        "--threads",
+        str(args.threads),
+    ]
     if args.prompt_tokens is not None:
         argv += ["--prompt-tokens", str(args.prompt_tokens)]
     if args.ids_file:
@@ -170,8 +206,10 @@ def logits(args: argparse.Namespace) -> dict:
     past = np.zeros((1, decoder["num_key_value_heads"], 0, decoder["head_size"]), dtype=np.float32)
 
     def logits_of(ids):
-        feeds = {"input_ids": np.asarray([ids], dtype=np.int64),
-                 "attention_mask": np.ones((1, len(ids)), dtype=np.int64)}
+        feeds = {
+            "input_ids": np.asarray([ids], dtype=np.int64),
+            "attention_mask": np.ones((1, len(ids)), dtype=np.int64),
+        }
         for inp in session.get_inputs():
             if inp.name.startswith("past_key_values."):
                 feeds[inp.name] = past
@@ -194,13 +232,16 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--model", required=True, help="directory with genai_config.json")
         p.add_argument("--prompt", default=DEFAULT_PROMPT, help="user message (chat template applied)")
         p.add_argument("--prompt-tokens", type=int, help="instead: a code prompt of exactly N tokens")
-        p.add_argument("--ids-file", help="with --prompt-tokens N: take the N-token prompt from this "
-                                          "prompts JSON (written by benchmarks/run.py)")
+        p.add_argument(
+            "--ids-file",
+            help="with --prompt-tokens N: take the N-token prompt from this "
+            "prompts JSON (written by benchmarks/run.py)",
+        )
         p.add_argument("--new-tokens", type=int, default=128)
-        p.add_argument("--threads", type=int, default=0,
-                       help="ONNX Runtime intra-op threads (0: genai's default)")
-        p.add_argument("--warmup-tokens", type=int, default=8,
-                       help="in-process warm-up generation before the timed one (0: none)")
+        p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: genai's default)")
+        p.add_argument(
+            "--warmup-tokens", type=int, default=8, help="in-process warm-up generation before the timed one (0: none)"
+        )
         if name == "repeat":
             p.add_argument("--reps", type=int, default=3)
     lg = sub.add_parser("logits", help="every position's logits of token sequences (plain onnxruntime)")

@@ -27,8 +27,9 @@ def _load(path: str, n_ctx: int, threads: int, logits_all: bool = False):
         common.fail(f"{path} is not a GGUF file; pass the model's .gguf with --model")
     from llama_cpp import Llama
 
-    return Llama(model_path=path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-                 logits_all=logits_all, verbose=False)
+    return Llama(
+        model_path=path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, logits_all=logits_all, verbose=False
+    )
 
 
 def _generate(llm, ids: list[int], new_tokens: int) -> tuple[float, float, int]:
@@ -79,8 +80,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     for name in ("run", "repeat"):
-        common.add_run_args(sub.add_parser(name), "GGUF file", 2,
-                            "n_threads and n_threads_batch (default 2: the machine's cores)")
+        common.add_run_args(
+            sub.add_parser(name), "GGUF file", 2, "n_threads and n_threads_batch (default 2: the machine's cores)"
+        )
     common.add_logits_args(sub.add_parser("logits"), "GGUF file", threads=2)
     args = parser.parse_args(argv)
     if args.cmd == "run":

@@ -26,8 +26,16 @@ import common  # noqa: E402
 
 ANCHOR = "optimum"
 QUANTIZED = "model_quantized.onnx"
-META_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-              "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt")
+META_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "vocab.json",
+    "merges.txt",
+)
 
 
 def build(args) -> dict:
@@ -49,8 +57,11 @@ def build(args) -> dict:
 
             final = os.path.join(tmp, "out")
             quantizer = ORTQuantizer.from_pretrained(export_dir, file_name="model.onnx")
-            quantizer.quantize(save_dir=final, quantization_config=AutoQuantizationConfig.avx2(is_static=False),
-                               use_external_data_format=True)
+            quantizer.quantize(
+                save_dir=final,
+                quantization_config=AutoQuantizationConfig.avx2(is_static=False),
+                use_external_data_format=True,
+            )
             for name in META_FILES:
                 if os.path.isfile(os.path.join(export_dir, name)):
                     shutil.copy(os.path.join(export_dir, name), final)
@@ -61,8 +72,12 @@ def build(args) -> dict:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     files = {f: os.path.getsize(os.path.join(out, f)) for f in sorted(os.listdir(out))}
-    return {"anchor": ANCHOR, "precision": "int8-dynamic-avx2" if args.int8 else "fp32",
-            "artifact_bytes": sum(files.values()), "files": files}
+    return {
+        "anchor": ANCHOR,
+        "precision": "int8-dynamic-avx2" if args.int8 else "fp32",
+        "artifact_bytes": sum(files.values()),
+        "files": files,
+    }
 
 
 def _load(path: str, threads: int):
@@ -75,8 +90,9 @@ def _load(path: str, threads: int):
     if threads:
         options.intra_op_num_threads = threads
     kwargs = {"file_name": QUANTIZED} if os.path.isfile(os.path.join(path, QUANTIZED)) else {}
-    return ORTModelForCausalLM.from_pretrained(path, provider="CPUExecutionProvider", session_options=options,
-                                               use_cache=True, **kwargs)
+    return ORTModelForCausalLM.from_pretrained(
+        path, provider="CPUExecutionProvider", session_options=options, use_cache=True, **kwargs
+    )
 
 
 def run(args) -> dict:
@@ -104,8 +120,12 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--output", required=True, help="directory to create (replaced if present)")
     b.add_argument("--int8", action="store_true", help="int8 dynamic quantization (avx2 preset) after export")
     for name in ("run", "repeat"):
-        common.add_run_args(sub.add_parser(name), "Optimum export directory", 0,
-                            "ONNX Runtime intra-op threads (0: onnxruntime's default)")
+        common.add_run_args(
+            sub.add_parser(name),
+            "Optimum export directory",
+            0,
+            "ONNX Runtime intra-op threads (0: onnxruntime's default)",
+        )
     common.add_logits_args(sub.add_parser("logits"), "Optimum export directory", threads=0)
     args = parser.parse_args(argv)
     if args.cmd == "build":

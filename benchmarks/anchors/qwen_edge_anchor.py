@@ -21,12 +21,12 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="cmd", required=True)
     common.add_logits_args(sub.add_parser("logits"), "artifact directory written by `qwen-edge build`")
     args = parser.parse_args(argv)
-    from edge.fidelity import artifact_logits, open_session
+    from edge.check.fidelity import scorer
+    from qwen_edge.artifact import Artifact
     from qwen_edge.errors import QwenEdgeError
 
     try:
-        session = open_session(args.model)
-        result = common.write_logits(args.ids, args.out, lambda ids: artifact_logits(session, ids))
+        result = common.write_logits(args.ids, args.out, scorer(Artifact.open(args.model, verify="size")))
     except QwenEdgeError as e:
         common.fail(str(e))
     print(json.dumps(result), flush=True)

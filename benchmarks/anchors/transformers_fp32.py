@@ -51,9 +51,14 @@ def reference(args) -> dict:
     with torch.inference_mode():
         for name, ids in prompts.items():
             inp = torch.tensor([ids], dtype=torch.long)
-            out = model.generate(input_ids=inp, attention_mask=torch.ones_like(inp), do_sample=False,
-                                 max_new_tokens=args.greedy_tokens, pad_token_id=pad)
-            continuations[name] = out[0, len(ids):].tolist()
+            out = model.generate(
+                input_ids=inp,
+                attention_mask=torch.ones_like(inp),
+                do_sample=False,
+                max_new_tokens=args.greedy_tokens,
+                pad_token_id=pad,
+            )
+            continuations[name] = out[0, len(ids) :].tolist()
 
     def logits_of(ids):
         inp = torch.tensor([ids], dtype=torch.long)
@@ -74,8 +79,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     for name in ("run", "repeat"):
-        common.add_run_args(sub.add_parser(name), "Hugging Face model directory (fp32)", 0,
-                            "torch intra-op threads (0: torch's default)")
+        common.add_run_args(
+            sub.add_parser(name),
+            "Hugging Face model directory (fp32)",
+            0,
+            "torch intra-op threads (0: torch's default)",
+        )
     r = sub.add_parser("reference")
     r.add_argument("--model", required=True, help="Hugging Face model directory (fp32)")
     r.add_argument("--ids", required=True, help="JSON {name: [token ids]}: sequences to score")

@@ -1,62 +1,44 @@
 """Recipe backends: the tool that turns the fp32 model into the ONNX graph.
 
-``native`` is qwen-edge's own exporter (edge.graph / edge.gptq). ``olive`` and ``optimum`` hand the
-export (and, where the recipe asks for it, the quantization) to those tools; the build then
-normalizes their output into the same artifact (tokenizer, genai_config.json, licence, fidelity
-check, manifest). Each backend module exposes ``check_installed()``, ``describe(recipe, profile)``
-and ``export(recipe, profile, model_dir, out_dir, progress) -> dict``.
+``native`` is qwen-edge's own exporter (edge.graph.decoder / edge.quantize.gptq). ``olive`` and
+``optimum`` hand the export (and, where the recipe asks for it, the quantization) to those tools; the
+build then normalizes their output into the same artifact (tokenizer, genai_config, licence,
+fidelity check, manifest). Each backend module exposes ``check_installed()``,
+``describe(recipe, profile)`` and ``export(recipe, profile, model_dir, out_dir) -> dict`` (progress
+and logs as the current ``edge.report`` Reporter says).
 """
 
 from __future__ import annotations
 
-import importlib
 from types import ModuleType
 
-import numpy as np
-import onnx_ir as ir
-
-from qwen_edge.errors import QwenEdgeError
+from edge.backends.base import BackendMissingError
 
 BACKENDS = ("native", "olive", "optimum")
-INT64_MAX = np.iinfo(np.int64).max
+
+__all__ = ["BACKENDS", "BackendMissingError", "load_backend"]
 
 
-class BackendMissingError(QwenEdgeError):
-    """A recipe backend whose tool is not installed (or not usable) in this environment."""
+def _olive() -> ModuleType:
+    from edge.backends import olive
+
+    return olive
+
+
+def _optimum() -> ModuleType:
+    from edge.backends import optimum
+
+    return optimum
+
+
+# External backend name -> its module, imported only when a recipe asks for it (each pulls its tool in).
+_EXTERNAL = {"olive": _olive, "optimum": _optimum}
 
 
 def load_backend(name: str) -> ModuleType:
     """The backend module for a recipe's ``backend`` value, checked to be installed."""
-    if name not in BACKENDS or name == "native":
+    if name not in _EXTERNAL:
         raise ValueError(f"no external backend named {name!r}")
-    module = importlib.import_module(f"edge.backends.{name}")
+    module = _EXTERNAL[name]()
     module.check_installed()
     return module
-
-
-def initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    """Register a constant tensor in `graph` and return its value."""
-    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                     const_value=ir.tensor(array, name=name))
-    graph.register_initializer(value)
-    return value
-
-
-def add_logits_to_keep(graph: ir.Graph) -> None:
-    """Add the scalar int64 input `num_logits_to_keep` (initializer default 0 = every position): only
-    the last k positions of the final hidden state reach lm_head."""
-    logits = next(v for v in graph.outputs if v.name == "logits")
-    head = logits.producer()
-    if head is None or head.op_type not in ("MatMul", "MatMulNBits"):
-        raise QwenEdgeError(f"the exported logits come from {head.op_type if head else 'nothing'}, not the lm_head "
-                            "MatMul; use a supported version of the backend's tool")
-    keep = initializer(graph, "num_logits_to_keep", np.array(0, np.int64))
-    graph.inputs.append(keep)
-    axis0 = initializer(graph, "qwen_edge.keep.axis0", np.array([0], np.int64))
-    end = initializer(graph, "qwen_edge.keep.end", np.array([INT64_MAX], np.int64))
-    seq_axis = initializer(graph, "qwen_edge.keep.seq_axis", np.array([1], np.int64))
-    neg = ir.node("Neg", [keep], name="/lm_head/keep/Neg")
-    start = ir.node("Unsqueeze", [neg.outputs[0], axis0], name="/lm_head/keep/Unsqueeze")
-    kept = ir.node("Slice", [head.inputs[0], start.outputs[0], end, seq_axis], name="/lm_head/keep/Slice")
-    graph.insert_before(head, [neg, start, kept])
-    head.replace_input_with(0, kept.outputs[0])

@@ -20,9 +20,9 @@ Olive keeps the q/k/v projections of a layer at one precision, so an int8 ``v_pr
 layer's ``q_proj`` and ``k_proj`` int8 as well. The embedding and lm_head take the weights' bits
 (except a tied lm_head under ``hqq`` or ``kquant``, which stays fp32: the graph facts say so).
 
-After the run, ``model.onnx`` is re-saved with its weights in ``model.onnx.data`` (aligned for
-memory mapping), the logits output gets back the name Olive's quantizers change, and every
-MatMulNBits gets the profile's ``accuracy_level``.
+After the run, the model is re-saved as the artifact's graph and external data files
+(contract.MODEL_FILE, contract.MODEL_DATA_FILE, aligned for memory mapping), the logits output gets
+back the name Olive's quantizers change, and every MatMulNBits gets the profile's ``accuracy_level``.
 """
 
 from __future__ import annotations
@@ -37,17 +37,17 @@ from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
-from edge.backends import BackendMissingError, add_logits_to_keep
-from edge.build import ALIGNMENT, status
+from edge import report
+from edge.backends.base import BackendMissingError, add_logits_to_keep, count_layers
+from edge.graph.plan import LINEAR_PARTS
+from qwen_edge import contract
 from qwen_edge.errors import QwenEdgeError
 
 EXTRA = "olive"
 CALIBRATION_DATASET = "qwen_edge_calibration"
 TASK = "text-generation-with-past"
-MODEL_FILE, DATA_FILE = "model.onnx", "model.onnx.data"
+MODEL_FILE, DATA_FILE = contract.MODEL_FILE, contract.MODEL_DATA_FILE
 PLACEHOLDER_MODEL, PLACEHOLDER_OUT = "<hf-fp32-model-dir>", "<output-dir>"
-LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 _QUANT_SUFFIX = re.compile(r"_Q\d+$")
 _VERSIONED = ("olive-ai", "torch", "transformers", "onnxruntime", "onnxscript", "onnx-ir")
 
@@ -91,27 +91,50 @@ def workflow(recipe, profile, model_dir: Path, out_dir: Path) -> dict:
             "overrides": _int8_overrides(precision, hf_config.get("num_hidden_layers")),
         }
         if method == "gptq":
-            from edge import gptq
+            from edge.quantize import gptq
 
             tokens = precision.calibration_tokens or gptq.DEFAULT_TOKENS
             data_configs.append(calibration_data_config(model_dir, tokens, min(gptq.SEQ_LEN, tokens)))
-            passes["gptq"] = {"type": "Gptq", **torch_pass, "damp_percent": gptq.PERCDAMP,
-                              "data_config": CALIBRATION_DATASET}
+            passes["gptq"] = {
+                "type": "Gptq",
+                **torch_pass,
+                "damp_percent": gptq.PERCDAMP,
+                "data_config": CALIBRATION_DATASET,
+            }
         else:
             passes["rtn_torch"] = {"type": "Rtn", **torch_pass}
 
-    passes["conversion"] = {"type": "OnnxConversion", "use_dynamo_exporter": True, "torch_dtype": "float32",
-                            **_external_data()}
+    passes["conversion"] = {
+        "type": "OnnxConversion",
+        "use_dynamo_exporter": True,
+        "torch_dtype": "float32",
+        **_external_data(),
+    }
 
     if bits is not None:
-        rtn = {"type": "OnnxBlockWiseRtnQuantization", "bits": bits, "block_size": precision.block_size,
-               "is_symmetric": precision.symmetric, "accuracy_level": profile.accuracy_level, **_external_data()}
+        rtn = {
+            "type": "OnnxBlockWiseRtnQuantization",
+            "bits": bits,
+            "block_size": precision.block_size,
+            "is_symmetric": precision.symmetric,
+            "accuracy_level": profile.accuracy_level,
+            **_external_data(),
+        }
         if method == "hqq" and bits == 4:
-            passes["hqq"] = {"type": "OnnxHqqQuantization", "block_size": precision.block_size,
-                             "accuracy_level": profile.accuracy_level, **_external_data()}
+            passes["hqq"] = {
+                "type": "OnnxHqqQuantization",
+                "block_size": precision.block_size,
+                "accuracy_level": profile.accuracy_level,
+                **_external_data(),
+            }
         elif method == "kquant":
-            passes["kquant"] = {"type": "OnnxKQuantQuantization", "bits": bits, "block_size": precision.block_size,
-                                "accuracy_level": profile.accuracy_level, **_external_data()}
+            passes["kquant"] = {
+                "type": "OnnxKQuantQuantization",
+                "bits": bits,
+                "block_size": precision.block_size,
+                "accuracy_level": profile.accuracy_level,
+                **_external_data(),
+            }
             rtn["is_symmetric"] = False  # as the native backend stores a kquant recipe's embedding
         passes["rtn"] = rtn
 
@@ -139,8 +162,10 @@ def calibration_data_config(model_dir: str, tokens: int, seq_len: int) -> dict:
     return {
         "name": CALIBRATION_DATASET,
         "user_script": str(Path(__file__).resolve()),
-        "load_dataset_config": {"type": CALIBRATION_DATASET,
-                                "params": {"model_dir": model_dir, "tokens": tokens, "seq_len": seq_len}},
+        "load_dataset_config": {
+            "type": CALIBRATION_DATASET,
+            "params": {"model_dir": model_dir, "tokens": tokens, "seq_len": seq_len},
+        },
         "pre_process_data_config": {"type": "skip_pre_process"},
         "dataloader_config": {"type": "default_dataloader", "params": {"batch_size": 1}},
     }
@@ -150,12 +175,12 @@ def calibration_dataset(model_dir: str, tokens: int, seq_len: int) -> list:
     """Olive dataset component: (inputs, label) pairs of the shipped calibration text in the model's tokens."""
     import torch
 
-    from edge.gptq import calibration_ids
+    from edge.quantize.gptq import calibration_ids
     from edge.sources import open_source
 
     if model_dir == PLACEHOLDER_MODEL:
         raise OliveBackendError(f"replace {PLACEHOLDER_MODEL} in the workflow with the model directory")
-    ids = calibration_ids(open_source(model_dir, progress=False), tokens=tokens, seq_len=seq_len)
+    ids = calibration_ids(open_source(model_dir), tokens=tokens, seq_len=seq_len)
     return [({"input_ids": row, "attention_mask": torch.ones_like(row)}, 0) for row in ids]
 
 
@@ -172,17 +197,22 @@ _register_with_olive()
 
 def _check_supported(precision) -> None:
     if precision.weights == "fp16":
-        raise OliveBackendError("backend 'olive' builds fp32, int8 or int4 weights; set precision.weights to one of "
-                                "them or use backend 'native'")
+        raise OliveBackendError(
+            "backend 'olive' builds fp32, int8 or int4 weights; set precision.weights to one of "
+            "them or use backend 'native'"
+        )
     if precision.weights == "fp32" and precision.method not in ("rtn", "mixed"):
-        raise OliveBackendError(f"precision.method {precision.method!r} needs int4 or int8 weights; set "
-                                "precision.weights or use method 'rtn'")
+        raise OliveBackendError(
+            f"precision.method {precision.method!r} needs int4 or int8 weights; set "
+            "precision.weights or use method 'rtn'"
+        )
     for key in ("embedding", "lm_head"):
         bits = getattr(precision, f"{key}_bits")
         if bits != precision.weights:
             raise OliveBackendError(
                 f"backend 'olive' stores the {key} with the weights' precision ({precision.weights}); set "
-                f"precision.{key} to 'same' or use backend 'native' for a {bits} {key}")
+                f"precision.{key} to 'same' or use backend 'native' for a {bits} {key}"
+            )
 
 
 def _int8_overrides(precision, num_layers: int | None) -> dict | str:
@@ -193,14 +223,20 @@ def _int8_overrides(precision, num_layers: int | None) -> dict | str:
     if num_layers is None:
         from edge.recipe import DEFAULT_INT8_LAYERS
 
-        patterns = precision.int8_layers if precision.int8_layers is not None else (
-            DEFAULT_INT8_LAYERS if precision.method == "mixed" else ())
+        patterns = (
+            precision.int8_layers
+            if precision.int8_layers is not None
+            else (DEFAULT_INT8_LAYERS if precision.method == "mixed" else ())
+        )
         if precision.weights != "int4" or not patterns:
             return {}
         return f"<int8, symmetric, for every module matching {', '.join(patterns)}, listed once the model is known>"
-    names = [f"model.layers.{i}.{part}" for i in range(num_layers) for part in LINEARS]
-    return {n: {"bits": 8, "symmetric": True} for n in names
-            if precision.weights == "int4" and precision.bits_for(f"{n}.weight") == "int8"}
+    names = [f"model.layers.{i}.{part}" for i in range(num_layers) for part in LINEAR_PARTS]
+    return {
+        n: {"bits": 8, "symmetric": True}
+        for n in names
+        if precision.weights == "int4" and precision.bits_for(f"{n}.weight") == "int8"
+    }
 
 
 def _hf_config(model_dir: str) -> dict:
@@ -211,8 +247,9 @@ def _hf_config(model_dir: str) -> dict:
         int(config["num_hidden_layers"])
         return config
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise OliveBackendError(f"{model_dir}/config.json: cannot read num_hidden_layers ({e}); give a Hugging Face "
-                                "model directory") from None
+        raise OliveBackendError(
+            f"{model_dir}/config.json: cannot read num_hidden_layers ({e}); give a Hugging Face model directory"
+        ) from None
 
 
 def _external_data() -> dict:
@@ -220,22 +257,27 @@ def _external_data() -> dict:
 
 
 # ----- running it ----------------------------------------------------------------------------------
-def export(recipe, profile, model_dir: Path, out_dir: Path, progress: bool) -> dict:
-    """Run the recipe's Olive workflow on `model_dir` and write model.onnx + model.onnx.data into `out_dir`.
+def export(recipe, profile, model_dir: Path, out_dir: Path) -> dict:
+    """Run the recipe's Olive workflow on `model_dir` and write the artifact's graph and its external data
+    into `out_dir` (Olive logs unless the current Reporter is quiet).
 
     Returns the backend, tool versions, the passes run, and the graph facts genai_config needs.
     """
     check_installed()
+    reporter = report.current()
     out_dir = Path(out_dir)
     config = workflow(recipe, profile, Path(model_dir), out_dir)
     passes = [p["type"] for p in config["passes"].values()]
-    status(f"running Olive: {' -> '.join(passes)}", progress)
+    reporter.status(f"running Olive: {' -> '.join(passes)}")
     with tempfile.TemporaryDirectory(prefix=".olive-", dir=out_dir) as work:
         work = Path(work)
-        config["engine"].update(output_dir=str(work / "output"), cache_dir=str(work / "cache"),
-                                log_severity_level=1 if progress else 3)
+        config["engine"].update(
+            output_dir=str(work / "output"),
+            cache_dir=str(work / "cache"),
+            log_severity_level=1 if reporter.verbose else 3,
+        )
         produced = _run(config, work)
-        status("normalizing the Olive model into the artifact layout", progress)
+        reporter.status("normalizing the Olive model into the artifact layout")
         graph = _normalize(produced, out_dir, profile.accuracy_level)
     return {"backend": "olive", "versions": _versions(), "passes": passes, "graph": graph}
 
@@ -268,7 +310,7 @@ def _run(config: dict, work: Path) -> Path:
     model = Path(config["engine"]["output_dir"]) / MODEL_FILE
     if output is None or not output.has_output_model() or not model.is_file():
         cause = f": {type(failures.error).__name__}: {_first_line(failures.error)}" if failures.error else ""
-        raise OliveBackendError(f"Olive produced no model{cause}; rerun with progress on to see Olive's log")
+        raise OliveBackendError(f"Olive produced no model{cause}; rerun without --quiet to see Olive's log")
     return model
 
 
@@ -305,7 +347,7 @@ def _torch_export_dynamic_cache_shapes():
 
 
 def _normalize(model_path: Path, out_dir: Path, accuracy_level: int) -> dict:
-    """Re-save Olive's model as out_dir/model.onnx + model.onnx.data (aligned) and return its graph facts."""
+    """Re-save Olive's model as the artifact's graph + external data in out_dir (aligned); return its graph facts."""
     import onnx_ir as ir
 
     model = ir.load(model_path)
@@ -314,14 +356,15 @@ def _normalize(model_path: Path, out_dir: Path, accuracy_level: int) -> dict:
         value.name = _QUANT_SUFFIX.sub("", value.name)
     inputs = [v.name for v in model.graph.inputs]
     outputs = [v.name for v in model.graph.outputs]
-    layers = sum(1 for name in inputs if name.startswith("past_key_values.") and name.endswith(".key"))
-    expected_in = ["input_ids", "attention_mask", "position_ids"] + [
-        f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
-    expected_out = ["logits"] + [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+    layers = count_layers(inputs)
+    expected_in = [contract.INPUT_IDS, contract.ATTENTION_MASK, contract.POSITION_IDS] + contract.past_names(layers)
+    expected_out = [contract.LOGITS] + contract.present_names(layers)
     if layers == 0 or sorted(inputs) != sorted(expected_in) or sorted(outputs) != sorted(expected_out):
-        raise OliveBackendError(f"Olive's model has inputs {inputs} and outputs {outputs}, not the decoder layout "
-                                "qwen-edge runs; report this with the recipe")
-    logits = next(v for v in model.graph.outputs if v.name == "logits")
+        raise OliveBackendError(
+            f"Olive's model has inputs {inputs} and outputs {outputs}, not the decoder layout "
+            "qwen-edge runs; report this with the recipe"
+        )
+    logits = next(v for v in model.graph.outputs if v.name == contract.LOGITS)
     quantized = 0
     for node in model.graph.all_nodes():
         if node.op_type == "MatMulNBits" and node.domain == "com.microsoft":
@@ -330,9 +373,9 @@ def _normalize(model_path: Path, out_dir: Path, accuracy_level: int) -> dict:
     add_logits_to_keep(model.graph)
     for name in (MODEL_FILE, DATA_FILE):
         (out_dir / name).unlink(missing_ok=True)
-    ir.save(model, out_dir / MODEL_FILE, external_data=DATA_FILE, alignment=ALIGNMENT)
+    ir.save(model, out_dir / MODEL_FILE, external_data=DATA_FILE, alignment=contract.ALIGNMENT)
     return {
-        "kv_cache": "growing",
+        "kv_cache": contract.GROWING,
         "position_ids": True,
         "num_logits_to_keep": True,
         "layers": layers,

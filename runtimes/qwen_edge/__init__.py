@@ -5,8 +5,15 @@ from .chat import ChatSession
 from .errors import ArtifactError, ContextOverflowError, QwenEdgeError, RuntimeMissingError
 from .generator import Generator
 from .sampling import SamplingParams
-from .static_generator import StaticGenerator, open_generator
 
 __version__ = "0.1.0"
-__all__ = ["Artifact", "ChatSession", "Generator", "StaticGenerator", "open_generator", "SamplingParams", "QwenEdgeError", "ArtifactError",
-           "ContextOverflowError", "RuntimeMissingError"]
+__all__ = [
+    "Artifact",
+    "ChatSession",
+    "Generator",
+    "SamplingParams",
+    "QwenEdgeError",
+    "ArtifactError",
+    "ContextOverflowError",
+    "RuntimeMissingError",
+]

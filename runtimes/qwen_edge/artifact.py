@@ -7,16 +7,18 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from .contract import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    MODEL_FILE,
+    TOKENIZER_CONFIG_FILE,
+    TOKENIZER_FILE,
+    GraphLayout,
+    graph_files,
+)
 from .errors import ArtifactError
 
-FORMAT = "qwen-edge"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-MODEL_FILE = "model.onnx"
-GENAI_CONFIG = "genai_config.json"
-TOKENIZER_FILE = "tokenizer.json"
-TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
-REQUIRED_FILES = (MODEL_FILE, TOKENIZER_FILE, TOKENIZER_CONFIG_FILE)
 VERIFY_MODES = ("full", "size", "none")
 _CHUNK = 1 << 20
 
@@ -51,7 +53,9 @@ class ModelInfo:
                 pad_token_id=_opt_int(block.get("pad_token_id")),
             )
         except (KeyError, TypeError, ValueError) as e:
-            raise ArtifactError(f"{where}: the `model` block is missing or has a bad {e}; rebuild the artifact") from None
+            raise ArtifactError(
+                f"{where}: the `model` block is missing or has a bad {e}; rebuild the artifact"
+            ) from None
 
 
 def _opt_int(value) -> int | None:
@@ -116,6 +120,11 @@ class Artifact:
         return self.path(MODEL_FILE)
 
     @property
+    def layout(self) -> GraphLayout:
+        """How the artifact's graph holds its KV cache (shared, growing or static)."""
+        return GraphLayout.of(self.root, self.manifest)
+
+    @property
     def tokenizer_path(self) -> Path:
         return self.path(TOKENIZER_FILE)
 
@@ -127,16 +136,20 @@ class Artifact:
         files = self.files
         if not isinstance(files, dict):
             raise ArtifactError(f"{self.root / MANIFEST}: `files` is not a mapping; rebuild the artifact")
-        static = self.manifest.get("static")
-        graphs = (static.get("prefill", "prefill.onnx"), static.get("decode", "decode.onnx")) if static else (MODEL_FILE,)
-        for name in (*graphs, *REQUIRED_FILES[1:]):
+        for name in (*graph_files(self.manifest), TOKENIZER_FILE, TOKENIZER_CONFIG_FILE):
             if name not in files:
                 raise ArtifactError(f"{self.root / MANIFEST} does not list {name}; rebuild the artifact")
         for name, entry in files.items():
-            if not (isinstance(entry, dict) and isinstance(entry.get("size"), int) and isinstance(entry.get("sha256"), str)):
-                raise ArtifactError(f"{self.root / MANIFEST}: the entry of {name} lacks size/sha256; rebuild the artifact")
+            if not (
+                isinstance(entry, dict) and isinstance(entry.get("size"), int) and isinstance(entry.get("sha256"), str)
+            ):
+                raise ArtifactError(
+                    f"{self.root / MANIFEST}: the entry of {name} lacks size/sha256; rebuild the artifact"
+                )
             if Path(name).is_absolute() or ".." in Path(name).parts:
-                raise ArtifactError(f"{self.root / MANIFEST} lists {name!r} outside the artifact; rebuild the artifact")
+                raise ArtifactError(
+                    f"{self.root / MANIFEST} lists {name!r} outside the artifact; rebuild the artifact"
+                )
         if verify == "none":
             return
         for name, entry in files.items():

@@ -8,6 +8,7 @@ does not re-read the first.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -77,7 +78,9 @@ class ChatTemplate:
                 messages=list(messages), add_generation_prompt=add_generation_prompt, **self.special_tokens, **kwargs
             )
         except jinja2.TemplateError as e:
-            raise QwenEdgeError(f"the chat template failed: {e}; use --no-chat-template for a raw completion") from None
+            raise QwenEdgeError(
+                f"the chat template failed: {e}; use --no-chat-template for a raw completion"
+            ) from None
 
 
 class _ThinkingBudget:
@@ -105,8 +108,52 @@ def strip_thinking(text: str) -> str:
     return text.rsplit(END_THINK, 1)[-1].lstrip("\n") if END_THINK in text else text
 
 
+class ThinkingSplitter:
+    """Routes streamed reply text to ("reasoning", text) inside <think>...</think> and ("content", text)
+    outside, without the tags and the newlines that follow them; text that may begin a tag is held back."""
+
+    def __init__(self, inside: bool = False):
+        self.inside, self.held, self._after_tag = inside, "", inside
+
+    def push(self, piece: str) -> list[tuple[str, str]]:
+        """The parts of `piece` (with what was held back) that are certain, in order."""
+        buf, out = self.held + piece, []
+        while (i := buf.find(END_THINK if self.inside else THINK)) >= 0:
+            out.append(self._part(buf[:i]))
+            buf = buf[i + len(END_THINK if self.inside else THINK) :]
+            self.inside, self._after_tag = not self.inside, True
+        tag = END_THINK if self.inside else THINK
+        hold = max((k for k in range(1, len(tag)) if buf.endswith(tag[:k])), default=0)
+        self.held = buf[len(buf) - hold :]
+        out.append(self._part(buf[: len(buf) - hold]))
+        return [part for part in out if part[1]]
+
+    def flush(self) -> list[tuple[str, str]]:
+        """What was held back, once the reply ended."""
+        held, self.held = self.held, ""
+        return [part for part in (self._part(held),) if part[1]]
+
+    def _part(self, text: str) -> tuple[str, str]:
+        if self._after_tag:
+            text = text.lstrip("\n")
+            self._after_tag = not text
+        return ("reasoning" if self.inside else "content", text)
+
+
+@dataclass(frozen=True)
+class ChatPrompt:
+    """A rendered conversation: its text, token ids, and whether it leaves the model inside <think>."""
+
+    text: str
+    ids: list[int]
+    thinking: bool
+    enable_thinking: bool | None
+
+
 class ChatSession:
-    """A multi-turn conversation with one Generator (whose KV cache carries over between turns)."""
+    """Conversations with one Generator: the chat template, Qwen3 thinking mode and budget, and a
+    multi-turn history whose KV cache carries over between turns (`send`). `prompt` + `generate`
+    serve a conversation given whole (the server's requests) with the same template and budget."""
 
     def __init__(
         self,
@@ -119,18 +166,27 @@ class ChatSession:
         self.template = ChatTemplate.from_tokenizer_config(generator.artifact.tokenizer_config_path)
         self.system = system
         self.enable_thinking = enable_thinking
-        self.thinking_budget = thinking_budget
+        tok = generator.tokenizer
+        self._think_ids = (tok.token_to_id(THINK), tok.token_to_id(END_THINK))
+        self._close_ids = generator.encode(CLOSE_THINKING) if self.has_thinking else []
+        self.thinking_budget = self._check_budget(thinking_budget)
         self.messages: list[dict] = []
         self.last: Generation | None = None
         self.reset()
-        if thinking_budget is not None:
-            if thinking_budget < 1:
-                raise QwenEdgeError(f"thinking budget must be >= 1 token, not {thinking_budget}")
-            tok = generator.tokenizer
-            self._think_ids = (tok.token_to_id(THINK), tok.token_to_id(END_THINK))
-            if None in self._think_ids:
-                raise QwenEdgeError("this model has no <think> tokens; --thinking-budget applies to Qwen3 thinking models")
-            self._close_ids = generator.encode(CLOSE_THINKING)
+
+    @property
+    def has_thinking(self) -> bool:
+        """Whether the model has Qwen3's <think> tokens."""
+        return None not in self._think_ids
+
+    def _check_budget(self, budget: int | None) -> int | None:
+        if budget is None:
+            return None
+        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+            raise QwenEdgeError(f"thinking budget must be >= 1 token (an integer), not {budget!r}")
+        if not self.has_thinking:
+            raise QwenEdgeError("this model has no <think> tokens; a thinking budget applies to Qwen3 thinking models")
+        return budget
 
     def reset(self) -> None:
         """Start a new conversation (the system prompt stays; its cached tokens are reused)."""
@@ -138,8 +194,30 @@ class ChatSession:
 
     def render(self) -> str:
         """The prompt text of the conversation so far, ending with the assistant generation prompt."""
-        extra = {} if self.enable_thinking is None else {"enable_thinking": self.enable_thinking}
-        return self.template.render(self.messages, add_generation_prompt=True, **extra)
+        return self.prompt(self.messages).text
+
+    def prompt(self, messages: Sequence[dict], **template_kwargs) -> ChatPrompt:
+        """Render `messages` with the template (keyword arguments reach it, e.g. enable_thinking) and encode it."""
+        if self.enable_thinking is not None:
+            template_kwargs.setdefault("enable_thinking", self.enable_thinking)
+        text = self.template.render(messages, add_generation_prompt=True, **template_kwargs)
+        inside = text.rfind(THINK) > text.rfind(END_THINK)
+        return ChatPrompt(text, self.generator.encode(text), inside, template_kwargs.get("enable_thinking"))
+
+    def generate(
+        self,
+        prompt: ChatPrompt,
+        params: SamplingParams = SamplingParams(),
+        max_new_tokens: int = 256,
+        stop_strings: Sequence[str] = (),
+        thinking_budget: int | None = None,
+    ) -> Generation:
+        """Start the reply to a rendered conversation; `thinking_budget` overrides the session's."""
+        budget = self.thinking_budget if thinking_budget is None else self._check_budget(thinking_budget)
+        hook = None
+        if budget is not None and prompt.enable_thinking is not False:
+            hook = _ThinkingBudget(budget, *self._think_ids, self._close_ids, prompt.thinking)
+        return self.generator.generate(prompt.ids, params, max_new_tokens, stop_strings=stop_strings, on_token=hook)
 
     def send(
         self,
@@ -151,18 +229,13 @@ class ChatSession:
         """Add a user turn and stream the reply's text pieces; the reply (without its thinking) is
         recorded in the history when the stream ends or is closed. `self.last` is the Generation."""
         self.messages.append({"role": "user", "content": user_text})
-        prompt = self.render()
-        ids = self.generator.encode(prompt)
-        hook = None
-        if self.thinking_budget is not None and self.enable_thinking is not False:
-            inside = prompt.rfind(THINK) > prompt.rfind(END_THINK)
-            hook = _ThinkingBudget(self.thinking_budget, *self._think_ids, self._close_ids, inside)
         try:
-            gen = self.generator.generate(ids, params, max_new_tokens, stop_strings=stop_strings, on_token=hook)
+            prompt = self.prompt(self.messages)
+            gen = self.generate(prompt, params, max_new_tokens, stop_strings)
         except ContextOverflowError:
             self.messages.pop()
             raise ContextOverflowError(
-                f"the conversation has {len(ids)} tokens and the context holds {self.generator.max_length}; "
+                f"the conversation has {len(prompt.ids)} tokens and the context holds {self.generator.max_length}; "
                 "use /reset (or a new session) to start over, or a larger --max-length"
             ) from None
         except QwenEdgeError:

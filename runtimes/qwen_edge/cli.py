@@ -16,8 +16,8 @@ from .artifact import VERIFY_MODES, Artifact
 from .chat import ChatSession
 from .errors import QwenEdgeError
 from .generator import Generation, Generator
+from .memory import peak_rss_mb
 from .sampling import SamplingParams
-from .static_generator import open_generator
 
 BUILD_HINT = "pip install 'qwen-edge[build]'"
 
@@ -26,7 +26,7 @@ BUILD_HINT = "pip install 'qwen-edge[build]'"
 
 
 def _open(args) -> Generator:
-    return open_generator(Artifact.open(args.artifact, verify=args.verify), max_length=args.max_length)
+    return Generator(Artifact.open(args.artifact, verify=args.verify), max_length=args.max_length)
 
 
 def _params(args) -> SamplingParams:
@@ -74,7 +74,9 @@ def cmd_run(args) -> int:
     params = _params(args)
     if args.no_chat_template:
         if args.system or args.think is not None or args.thinking_budget is not None:
-            raise QwenEdgeError("--system, --think and --thinking-budget need the chat template; drop --no-chat-template")
+            raise QwenEdgeError(
+                "--system, --think and --thinking-budget need the chat template; drop --no-chat-template"
+            )
         result = gen.generate(gen.encode(prompt, add_special_tokens=True), params, args.max_new_tokens)
         _stream(result)
     else:
@@ -89,8 +91,10 @@ def cmd_chat(args) -> int:
     gen = _open(args)
     chat = _chat_session(args, gen)
     params = _params(args)
-    print(f"qwen-edge chat ({gen.artifact.model.family}, context {gen.max_length}); /reset starts over, /exit quits",
-          file=sys.stderr)
+    print(
+        f"qwen-edge chat ({gen.artifact.model.family}, context {gen.max_length}); /reset starts over, /exit quits",
+        file=sys.stderr,
+    )
     while True:
         sys.stderr.write("> ")
         sys.stderr.flush()
@@ -149,15 +153,21 @@ def cmd_inspect(args) -> int:
         return 0
     info = art.model
     print(f"artifact   {art.root}  (format {m['format']} v{m['format_version']}, files verified: {args.verify})")
-    print(f"model      {info.family}, {info.num_layers} layers, {info.num_kv_heads} KV heads x {info.head_dim}, "
-          f"vocab {info.vocab_size}, context {info.context_length}, eos {list(info.eos_token_ids)}")
+    print(
+        f"model      {info.family}, {info.num_layers} layers, {info.num_kv_heads} KV heads x {info.head_dim}, "
+        f"vocab {info.vocab_size}, context {info.context_length}, eos {list(info.eos_token_ids)}"
+    )
     recipe = m.get("recipe") or {}
     print(f"recipe     {recipe.get('name', 'not recorded')}, context {recipe.get('context_length', '?')}")
     p = art.profile
-    print(f"profile    {p.get('name', '?')}: {p.get('execution_provider', 'cpu')}, threads "
-          f"{p.get('intra_op_num_threads') or 'all'}, session {_flat(p.get('session_config') or {}) or 'defaults'}")
+    print(
+        f"profile    {p.get('name', '?')}: {p.get('execution_provider', 'cpu')}, threads "
+        f"{p.get('intra_op_num_threads') or 'all'}, session {_flat(p.get('session_config') or {}) or 'defaults'}"
+    )
     source = m.get("source") or {}
-    print(f"source     {source.get('kind', '?')} {source.get('spec', '?')}  sha256 {str(source.get('sha256', '?'))[:12]}")
+    print(
+        f"source     {source.get('kind', '?')} {source.get('spec', '?')}  sha256 {str(source.get('sha256', '?'))[:12]}"
+    )
     for key in ("precision", "license", "build", "tools"):
         print(f"{key:<10} {_flat(m[key]) if m.get(key) else 'not recorded'}")
     print(f"fidelity   {_fidelity(m.get('fidelity'))}")
@@ -174,27 +184,22 @@ def _fidelity(fidelity: dict | None) -> str:
         return "not checked"
 
     def line(m: dict) -> str:
-        return (f"top-1 {m['top1_agreement']:.3f}, KL {m['mean_kl']:.4f}, "
-                f"ppl {m['ppl_artifact']:.2f} (fp32 {m['ppl_reference']:.2f})")
+        return (
+            f"top-1 {m['top1_agreement']:.3f}, KL {m['mean_kl']:.4f}, "
+            f"ppl {m['ppl_artifact']:.2f} (fp32 {m['ppl_reference']:.2f})"
+        )
 
     rows = [f"vs fp32: {line(fidelity['overall'])}"]
     rows += [f"  {lang:<8} {line(m)}" for lang, m in (fidelity.get("languages") or {}).items()]
     if "greedy" in fidelity:
-        rows.append(f"  greedy: {fidelity['greedy']['match_rate']:.2f} of the first 32 tokens match on "
-                    f"{len(fidelity['greedy']['prompts'])} chat prompts")
+        rows.append(
+            f"  greedy: {fidelity['greedy']['match_rate']:.2f} of the first 32 tokens match on "
+            f"{len(fidelity['greedy']['prompts'])} chat prompts"
+        )
     return "\n           ".join(rows)
 
 
 # -- bench ---------------------------------------------------------------------------------------
-
-
-def _peak_rss_mb() -> float | None:
-    try:
-        import resource
-    except ImportError:  # Windows
-        return None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
 def _spread(values: list[float]) -> dict:
@@ -210,7 +215,7 @@ def cmd_bench(args) -> int:
         raise QwenEdgeError(
             f"-p {args.p} + -n {args.n} exceed the context of {max_length} tokens; lower -p/-n or raise --max-length"
         )
-    gen = open_generator(art, max_length=max_length)
+    gen = Generator(art, max_length=max_length)
     vocab = gen.tokenizer.get_vocab_size(with_added_tokens=False)
     prompt = np.random.default_rng(0).integers(0, vocab, size=args.p, dtype=np.int64)
     greedy = SamplingParams()
@@ -236,7 +241,7 @@ def cmd_bench(args) -> int:
         "prefill_tps": prefill["median"],
         "decode_tps": decode["median"],
         "spread": {"ttft_ms": ttft, "prefill_tps": prefill, "decode_tps": decode},
-        "peak_rss_mb": _peak_rss_mb(),
+        "peak_rss_mb": peak_rss_mb(),
         "threads": art.profile.get("intra_op_num_threads", 0),
         "execution_provider": art.profile.get("execution_provider", "cpu"),
     }
@@ -249,7 +254,11 @@ def cmd_bench(args) -> int:
         cells = " | ".join(f"{stats[k]:>6.1f} {unit:<3}" for k in ("median", "min", "max"))
         print(f"| {label:<8} | {cells} |")
     rss = result["peak_rss_mb"]
-    print(f"{args.r} runs after a warm-up; peak RSS {rss:.0f} MB" if rss is not None else f"{args.r} runs after a warm-up")
+    print(
+        f"{args.r} runs after a warm-up; peak RSS {rss:.0f} MB"
+        if rss is not None
+        else f"{args.r} runs after a warm-up"
+    )
     return 0
 
 
@@ -260,8 +269,22 @@ def cmd_verify(args) -> int:
     from .bundle import verify_bundle
 
     r = verify_bundle(args.bundle)
-    print(f"OK {r.path}: {r.target} bundle of {r.recipe}, licence {r.license_id}, "
-          f"{r.files} files, {_size(r.bytes)} verified (size + sha256)")
+    print(
+        f"OK {r.path}: {r.target} bundle of {r.recipe}, licence {r.license_id}, "
+        f"{r.files} files, {_size(r.bytes)} verified (size + sha256)"
+    )
+    return 0
+
+
+def cmd_unpack(args) -> int:
+    from .bundle import unpack_bundle
+
+    u = unpack_bundle(args.bundle, args.dir, force=args.force)
+    r = u.bundle
+    print(
+        f"OK {r.path} -> {u.dest}{' (replaced)' if u.replaced else ''}: {r.target} bundle of {r.recipe}, "
+        f"licence {r.license_id}, {r.files} files, {_size(r.bytes)} verified (size + sha256) and unpacked"
+    )
     return 0
 
 
@@ -271,10 +294,13 @@ def cmd_verify(args) -> int:
 def cmd_serve(args) -> int:
     from .server import ChatServer, Engine
 
-    server = ChatServer(Engine(_open(args), model_id=args.model_id), args.host, args.port, quiet=args.quiet)
-    engine = server.engine
-    print(f"qwen-edge serve: model {engine.model_id!r} (context {engine.generator.max_length}) at {server.url} "
-          "(OpenAI-compatible; Ctrl-C stops)", file=sys.stderr)
+    engine = Engine(_open(args), model_id=args.model_id, thinking_budget=args.thinking_budget)
+    server = ChatServer(engine, args.host, args.port, quiet=args.quiet)
+    print(
+        f"qwen-edge serve: model {engine.model_id!r} (context {engine.generator.max_length}) at {server.url} "
+        "(OpenAI-compatible; Ctrl-C stops)",
+        file=sys.stderr,
+    )
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -292,7 +318,9 @@ def _edge_command(name: str):
         try:
             commands = importlib.import_module("edge.commands")
         except ImportError as e:
-            raise QwenEdgeError(f"`qwen-edge {args.command}` needs the build tools ({e.name} is missing): {BUILD_HINT}") from None
+            raise QwenEdgeError(
+                f"`qwen-edge {args.command}` needs the build tools ({e.name} is missing): {BUILD_HINT}"
+            ) from None
         return getattr(commands, name)(args) or 0
 
     return run
@@ -303,10 +331,18 @@ def _edge_command(name: str):
 
 def _add_artifact_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("artifact", help="artifact directory written by `qwen-edge build`")
-    p.add_argument("--verify", choices=VERIFY_MODES, default="full",
-                   help="check files against manifest.json: size + sha256 (full), size only, or none (default full)")
-    p.add_argument("--max-length", type=int, default=None,
-                   help="KV cache length in tokens (default: the artifact's context length); smaller saves memory")
+    p.add_argument(
+        "--verify",
+        choices=VERIFY_MODES,
+        default="full",
+        help="check files against manifest.json: size + sha256 (full), size only, or none (default full)",
+    )
+    p.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        help="KV cache length in tokens (default: the artifact's context length); smaller saves memory",
+    )
 
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
@@ -318,10 +354,15 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="penalty for tokens already seen (1 = off)")
     p.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
     p.add_argument("--system", default=None, help="system prompt")
-    p.add_argument("--think", action=argparse.BooleanOptionalAction, default=None,
-                   help="Qwen3: turn thinking on/off (default: the template's default)")
-    p.add_argument("--thinking-budget", type=int, default=None,
-                   help="Qwen3: close thinking after this many tokens and answer")
+    p.add_argument(
+        "--think",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Qwen3: turn thinking on/off (default: the template's default)",
+    )
+    p.add_argument(
+        "--thinking-budget", type=int, default=None, help="Qwen3: close thinking after this many tokens and answer"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -361,6 +402,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 picks a free one)")
     p.add_argument("--model-id", default=None, help="model id clients send (default: the artifact's recipe name)")
     p.add_argument("--quiet", action="store_true", help="do not log each request to stderr")
+    p.add_argument(
+        "--thinking-budget",
+        type=int,
+        default=None,
+        help="Qwen3: close thinking after this many tokens (requests may set thinking_budget)",
+    )
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("build", help="build an artifact from a recipe (needs qwen-edge[build])")
@@ -369,9 +416,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output directory")
     p.add_argument("--no-eval", action="store_true", help="skip the fidelity check")
     p.add_argument("--quiet", action="store_true", help="no progress output")
-    p.add_argument("--dry-run", action="store_true",
-                   help="print the resolved recipe, profile and backend plan (an Olive recipe's workflow config) "
-                        "as JSON and build nothing")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the resolved recipe, profile and backend plan (an Olive recipe's workflow config) "
+        "as JSON and build nothing",
+    )
     p.set_defaults(func=_edge_command("build"))
 
     p = sub.add_parser("eval", help="measure an artifact's fidelity against the fp32 model (needs qwen-edge[build])")
@@ -386,17 +436,31 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("profiles", help="list the device profiles (needs qwen-edge[build])")
     p.set_defaults(func=_edge_command("profiles"))
 
-    p = sub.add_parser("package", help="write one versioned zip bundle of an artifact for a platform (needs qwen-edge[build])")
+    p = sub.add_parser(
+        "package", help="write one versioned zip bundle of an artifact for a platform (needs qwen-edge[build])"
+    )
     p.add_argument("artifact", help="artifact directory")
     p.add_argument("--target", required=True, choices=("android", "ios", "desktop", "web"), help="platform")
     p.add_argument("--out", default=None, help="bundle file or directory (default: next to the artifact)")
-    p.add_argument("--license", default=None, help="the model's LICENSE file (needed for non-Apache models without one)")
+    p.add_argument(
+        "--license", default=None, help="the model's LICENSE file (needed for non-Apache models without one)"
+    )
     p.add_argument("--license-id", default=None, help="the model's licence id, e.g. Apache-2.0 or qwen-research")
     p.set_defaults(func=_edge_command("package"))
 
     p = sub.add_parser("verify", help="check a bundle offline: every file's size and sha256")
     p.add_argument("bundle", help="bundle .zip written by `qwen-edge package`")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("unpack", help="verify a bundle, then extract it safely into a new directory")
+    p.add_argument("bundle", help="bundle .zip written by `qwen-edge package`")
+    p.add_argument("dir", help="directory to create (or an empty one); its parent must exist")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace the directory if it holds an earlier unpacked bundle (anything else is refused)",
+    )
+    p.set_defaults(func=cmd_unpack)
     return parser
 
 

@@ -1,18 +1,24 @@
-"""Logits -> next token: greedy, temperature, top-k, top-p, min-p, repetition penalty, seeded RNG.
+"""Logits -> next token: one chain of logits processors, built once from the sampling parameters.
 
-Numpy only, and no Python loop over the vocabulary: top-k uses argpartition, top-p sorts only the
-few highest candidates (growing the candidate set until it holds the requested mass).
+The chain runs on `Candidates` (token ids and their logits or probabilities; the whole vocabulary
+until a filter narrows it): an optional token mask (e.g. a grammar's allowed tokens), the repetition
+penalty, temperature, top-k, min-p, top-p, then the pick (argmax when greedy, else a seeded draw).
+Every tool (run, chat, server, bench) samples through the same `Sampler`. Numpy only, and no Python
+loop over the vocabulary: top-k uses argpartition, top-p sorts only the few highest candidates.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Protocol
 
 import numpy as np
 
 from .errors import QwenEdgeError
 
 _TOP_P_START = 64  # candidates sorted first for top-p; grown x4 until they hold top_p of the mass
+# the token ids a constraint allows next, as a boolean row over the vocabulary (None = no constraint)
+TokenMask = Callable[[], "np.ndarray | None"]
 
 
 @dataclass(frozen=True)
@@ -43,45 +49,155 @@ class SamplingParams:
         return self.temperature == 0
 
 
-class Sampler:
-    """Turns one row of logits into a token id; a seeded sampler is reproducible."""
+@dataclass
+class Candidates:
+    """The tokens still in the running: `ids` (None = the whole vocabulary, in order) with their
+    `logits`, and once a processor needed them, their normalised `probs` (float64)."""
 
-    def __init__(self, params: SamplingParams):
+    logits: np.ndarray
+    ids: np.ndarray | None = None
+    probs: np.ndarray | None = None
+
+    def keep(self, index: np.ndarray) -> None:
+        """Narrow to the candidates at positions `index`."""
+        self.ids = index if self.ids is None else self.ids[index]
+        self.logits = self.logits[index]
+        if self.probs is not None:
+            self.probs = self.probs[index]
+
+    def token(self, index: int) -> int:
+        return int(index if self.ids is None else self.ids[index])
+
+    def normalise(self) -> np.ndarray:
+        if self.probs is None:
+            probs = np.exp(self.logits - self.logits.max(), dtype=np.float64)
+            self.probs = probs / probs.sum()
+        return self.probs
+
+
+class LogitsProcessor(Protocol):
+    """One link of the chain: narrows or reweighs the candidates; `seen` is the sequence so far."""
+
+    def __call__(self, cand: Candidates, seen: np.ndarray | None) -> None: ...
+
+
+class MaskProcessor:
+    """Only the tokens `mask()` allows (a constraint such as a JSON schema or a grammar)."""
+
+    def __init__(self, mask: TokenMask):
+        self.mask = mask
+
+    def __call__(self, cand: Candidates, seen) -> None:
+        allowed = self.mask()
+        if allowed is None:
+            return
+        ids = np.flatnonzero(allowed[: cand.logits.size] if cand.ids is None else allowed[cand.ids])
+        if ids.size == 0:
+            raise QwenEdgeError("the constraint allows no next token; check the schema or grammar")
+        cand.keep(ids)
+
+
+class RepetitionPenalty:
+    """Divides positive and multiplies negative logits of tokens already in the sequence."""
+
+    def __init__(self, penalty: float):
+        self.penalty = penalty
+
+    def __call__(self, cand: Candidates, seen) -> None:
+        if seen is None or not len(seen):
+            return
+        logits = cand.logits.copy()
+        if cand.ids is None:
+            vals = logits[seen]
+            logits[seen] = np.where(vals > 0, vals / self.penalty, vals * self.penalty)
+        else:
+            hit = np.isin(cand.ids, seen)
+            vals = logits[hit]
+            logits[hit] = np.where(vals > 0, vals / self.penalty, vals * self.penalty)
+        cand.logits = logits
+
+
+class Temperature:
+    def __init__(self, temperature: float):
+        self.temperature = np.float32(temperature)
+
+    def __call__(self, cand: Candidates, seen) -> None:
+        cand.logits = np.asarray(cand.logits, dtype=np.float32) / self.temperature
+
+
+class TopK:
+    def __init__(self, k: int):
+        self.k = k
+
+    def __call__(self, cand: Candidates, seen) -> None:
+        n = cand.logits.size
+        if self.k < n:
+            cand.keep(np.argpartition(cand.logits, n - self.k)[n - self.k :])
+
+
+class MinP:
+    """Tokens whose probability is at least `min_p` times the highest one's."""
+
+    def __init__(self, min_p: float):
+        self.min_p = min_p
+
+    def __call__(self, cand: Candidates, seen) -> None:
+        probs = cand.normalise()
+        cand.keep(np.flatnonzero(probs >= self.min_p * probs.max()))
+
+
+class TopP:
+    """The fewest highest-probability tokens whose mass reaches `top_p`, highest first."""
+
+    def __init__(self, top_p: float):
+        self.top_p = top_p
+
+    def __call__(self, cand: Candidates, seen) -> None:
+        cand.keep(_top_mass(cand.normalise(), self.top_p))
+
+
+class Sampler:
+    """Turns one row of logits into a token id through the chain; a seeded sampler is reproducible.
+
+    `mask` (optional) is the chain's token-mask slot: called before each pick, it returns the allowed
+    tokens as a boolean row over the vocabulary, or None when nothing is constrained.
+    """
+
+    def __init__(self, params: SamplingParams, mask: TokenMask | None = None):
         self.params = params
         self.rng = np.random.default_rng(params.seed)
+        chain: list[LogitsProcessor] = []
+        if mask is not None:
+            chain.append(MaskProcessor(mask))
+        if params.repetition_penalty != 1.0:
+            chain.append(RepetitionPenalty(params.repetition_penalty))
+        if not params.greedy:
+            chain.append(Temperature(params.temperature))
+            if params.top_k > 0:
+                chain.append(TopK(params.top_k))
+            if params.min_p > 0:
+                chain.append(MinP(params.min_p))
+            if params.top_p < 1:
+                chain.append(TopP(params.top_p))
+        self.chain = tuple(chain)
+
+    @property
+    def uses_history(self) -> bool:
+        """Whether a pick needs the sequence so far (the repetition penalty does)."""
+        return self.params.repetition_penalty != 1.0
 
     def __call__(self, logits: np.ndarray, seen: np.ndarray | None = None) -> int:
         """Pick a token from a 1-D float logits row; `seen` holds the token ids of the sequence so far
         (prompt and generated) for the repetition penalty. `logits` is never modified."""
-        p = self.params
-        if p.repetition_penalty != 1.0 and seen is not None and len(seen):
-            logits = logits.copy()
-            vals = logits[seen]
-            logits[seen] = np.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
-        if p.greedy:
-            return int(np.argmax(logits))
-        return int(self._sample(np.asarray(logits, dtype=np.float32) / np.float32(p.temperature)))
-
-    def _sample(self, scaled: np.ndarray) -> int:
-        p = self.params
-        if 0 < p.top_k < scaled.size:
-            ids = np.argpartition(scaled, scaled.size - p.top_k)[scaled.size - p.top_k :]
-            scaled = scaled[ids]
-        else:
-            ids = None
-        probs = np.exp(scaled - scaled.max(), dtype=np.float64)
-        probs /= probs.sum()
-        if p.min_p > 0:
-            keep = np.flatnonzero(probs >= p.min_p * probs.max())
-            ids = keep if ids is None else ids[keep]
-            probs = probs[keep]
-        if p.top_p < 1:
-            order = _top_mass(probs, p.top_p)
-            ids = order if ids is None else ids[order]
-            probs = probs[order]
+        cand = Candidates(logits)
+        for processor in self.chain:
+            processor(cand, seen)
+        if self.params.greedy:
+            return cand.token(int(np.argmax(cand.logits)))
+        probs = cand.normalise()
         cdf = np.cumsum(probs)
         pick = min(int(np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right")), cdf.size - 1)
-        return pick if ids is None else int(ids[pick])
+        return cand.token(pick)
 
 
 def _top_mass(probs: np.ndarray, mass: float) -> np.ndarray:

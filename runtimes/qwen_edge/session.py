@@ -72,8 +72,10 @@ def qnn_devices() -> list:
             ort.register_execution_provider_library(name, onnxruntime_qnn.get_library_path())
     devices = [d for d in ort.get_ep_devices() if d.ep_name == name]
     if not devices:
-        raise RuntimeMissingError(f"onnxruntime-qnn {onnxruntime_qnn.__version__} exposes no QNN device here; "
-                                  "run on a Snapdragon device or an x86-64/arm64 host with its HTP emulator")
+        raise RuntimeMissingError(
+            f"onnxruntime-qnn {onnxruntime_qnn.__version__} exposes no QNN device here; "
+            "run on a Snapdragon device or an x86-64/arm64 host with its HTP emulator"
+        )
     return devices
 
 
@@ -84,13 +86,17 @@ def qnn_options(options: dict) -> dict[str, str]:
     options = {str(k): str(v) for k, v in options.items()}
     backend = options.pop("backend_type", "htp").lower()
     if backend not in QNN_BACKENDS:
-        raise ArtifactError(f"profile provider_options backend_type {backend!r} is not one of "
-                            f"{', '.join(QNN_BACKENDS)}; fix the profile and rebuild")
+        raise ArtifactError(
+            f"profile provider_options backend_type {backend!r} is not one of "
+            f"{', '.join(QNN_BACKENDS)}; fix the profile and rebuild"
+        )
     if "backend_path" not in options:
         path = getattr(onnxruntime_qnn, f"get_qnn_{backend}_path")()
         if not Path(path).is_file():
-            raise RuntimeMissingError(f"onnxruntime-qnn {onnxruntime_qnn.__version__} has no QNN {backend} backend "
-                                      f"({Path(path).name}); use backend_type htp or install a build that ships it")
+            raise RuntimeMissingError(
+                f"onnxruntime-qnn {onnxruntime_qnn.__version__} has no QNN {backend} backend "
+                f"({Path(path).name}); use backend_type htp or install a build that ships it"
+            )
         options["backend_path"] = path
     return options
 

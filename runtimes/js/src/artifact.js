@@ -4,12 +4,12 @@ import { createHash } from 'node:crypto';
 import { createReadStream, readFileSync, statSync } from 'node:fs';
 import path from 'node:path';
 
+import {
+  FORMAT, FORMAT_VERSION, GraphLayout, MANIFEST, MODEL_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, graphFiles,
+} from './contract.js';
 import { ArtifactError, QwenEdgeError } from './errors.js';
 
-export const FORMAT = 'qwen-edge';
-export const FORMAT_VERSION = 1;
-const MANIFEST = 'manifest.json';
-const REQUIRED_FILES = ['model.onnx', 'tokenizer.json', 'tokenizer_config.json'];
+export { FORMAT, FORMAT_VERSION } from './contract.js';
 const VERIFY_MODES = ['full', 'size', 'none'];
 
 /** Hex sha256 of a file, streamed. */
@@ -38,7 +38,9 @@ function modelInfo(block, where) {
       if (optional) return null;
       throw new ArtifactError(`${where}: the \`model\` block lacks ${key}; rebuild the artifact`);
     }
-    if (!Number.isInteger(value)) throw new ArtifactError(`${where}: model.${key} is not an integer; rebuild the artifact`);
+    if (!Number.isInteger(value)) {
+      throw new ArtifactError(`${where}: model.${key} is not an integer; rebuild the artifact`);
+    }
     return value;
   };
   const eos = block.eos_token_ids ?? [];
@@ -58,13 +60,17 @@ function modelInfo(block, where) {
   };
 }
 
-/** A verified artifact directory: manifest facts (`model`), device `profile` and file paths. */
+/**
+ * A verified artifact directory: manifest facts (`model`), device `profile`, the graph `layout`
+ * (contract.GraphLayout: cache layout, position_ids, I/O names, read from genai_config.json) and file paths.
+ */
 export class Artifact {
   constructor(root, manifest) {
     this.root = root;
     this.manifest = manifest;
     this.model = modelInfo(manifest.model ?? {}, path.join(root, MANIFEST));
     this.profile = { ...(manifest.profile ?? {}) };
+    this.layout = GraphLayout.of(root, manifest);
   }
 
   /**
@@ -82,7 +88,9 @@ export class Artifact {
     } catch {
       // reported below
     }
-    if (!isDir) throw new ArtifactError(`${root} is not an artifact directory; pass the folder \`qwen-edge build\` wrote`);
+    if (!isDir) {
+      throw new ArtifactError(`${root} is not an artifact directory; pass the folder \`qwen-edge build\` wrote`);
+    }
     const manifestPath = path.join(root, MANIFEST);
     if (!isFile(manifestPath)) {
       throw new ArtifactError(`${manifestPath} is missing; rebuild the artifact or re-copy the whole folder`);
@@ -98,13 +106,13 @@ export class Artifact {
     }
     if (manifest.format !== FORMAT || manifest.format_version !== FORMAT_VERSION) {
       throw new ArtifactError(
-        `${manifestPath}: format ${JSON.stringify(manifest.format)} version ${JSON.stringify(manifest.format_version)} ` +
+        `${manifestPath}: format ${JSON.stringify(manifest.format)} ` +
+          `version ${JSON.stringify(manifest.format_version)} ` +
           `is not "${FORMAT}" version ${FORMAT_VERSION}; rebuild the artifact with this qwen-edge version`,
       );
     }
-    const artifact = new Artifact(root, manifest);
-    await artifact.#checkFiles(verify);
-    return artifact;
+    await checkFiles(root, manifest, verify);
+    return new Artifact(root, manifest);
   }
 
   /** `{name: {size, sha256}}` as listed in the manifest. */
@@ -118,52 +126,58 @@ export class Artifact {
   }
 
   get modelPath() {
-    return this.path('model.onnx');
+    return this.path(MODEL_FILE);
   }
 
   get tokenizerPath() {
-    return this.path('tokenizer.json');
+    return this.path(TOKENIZER_FILE);
   }
 
   get tokenizerConfigPath() {
-    return this.path('tokenizer_config.json');
+    return this.path(TOKENIZER_CONFIG_FILE);
   }
+}
 
-  async #checkFiles(verify) {
-    const where = path.join(this.root, MANIFEST);
-    const files = this.files;
-    if (files === null || typeof files !== 'object' || Array.isArray(files)) {
-      throw new ArtifactError(`${where}: \`files\` is not a mapping; rebuild the artifact`);
+/** Check the files the manifest lists: the graphs and tokenizer are listed; per `verify`, size and sha256. */
+async function checkFiles(root, manifest, verify) {
+  const where = path.join(root, MANIFEST);
+  const files = manifest.files ?? {};
+  if (files === null || typeof files !== 'object' || Array.isArray(files)) {
+    throw new ArtifactError(`${where}: \`files\` is not a mapping; rebuild the artifact`);
+  }
+  for (const name of [...graphFiles(manifest), TOKENIZER_FILE, TOKENIZER_CONFIG_FILE]) {
+    if (!(name in files)) throw new ArtifactError(`${where} does not list ${name}; rebuild the artifact`);
+  }
+  for (const [name, entry] of Object.entries(files)) {
+    if (!(entry && Number.isInteger(entry.size) && typeof entry.sha256 === 'string')) {
+      throw new ArtifactError(`${where}: the entry of ${name} lacks size/sha256; rebuild the artifact`);
     }
-    for (const name of REQUIRED_FILES) {
-      if (!(name in files)) throw new ArtifactError(`${where} does not list ${name}; rebuild the artifact`);
+    if (path.isAbsolute(name) || name.split(/[\\/]/).includes('..')) {
+      throw new ArtifactError(`${where} lists ${JSON.stringify(name)} outside the artifact; rebuild the artifact`);
     }
-    for (const [name, entry] of Object.entries(files)) {
-      if (!(entry && Number.isInteger(entry.size) && typeof entry.sha256 === 'string')) {
-        throw new ArtifactError(`${where}: the entry of ${name} lacks size/sha256; rebuild the artifact`);
-      }
-      if (path.isAbsolute(name) || name.split(/[\\/]/).includes('..')) {
-        throw new ArtifactError(`${where} lists ${JSON.stringify(name)} outside the artifact; rebuild the artifact`);
-      }
+  }
+  if (verify === 'none') return;
+  for (const [name, entry] of Object.entries(files)) {
+    const target = path.join(root, name);
+    if (!isFile(target)) {
+      throw new ArtifactError(`${target} is missing; rebuild the artifact or re-copy the whole folder`);
     }
-    if (verify === 'none') return;
-    for (const [name, entry] of Object.entries(files)) {
-      const target = this.path(name);
-      if (!isFile(target)) throw new ArtifactError(`${target} is missing; rebuild the artifact or re-copy the whole folder`);
-      const size = statSync(target).size;
-      if (size !== entry.size) {
-        throw new ArtifactError(
-          `${target} has ${size} bytes, the manifest says ${entry.size} (truncated or altered); rebuild the artifact or re-copy it`,
-        );
-      }
+    const size = statSync(target).size;
+    if (size !== entry.size) {
+      throw new ArtifactError(
+        `${target} has ${size} bytes, the manifest says ${entry.size} (truncated or altered); ` +
+          'rebuild the artifact or re-copy it',
+      );
     }
-    if (verify !== 'full') return;
-    for (const [name, entry] of Object.entries(files)) {
-      if ((await sha256File(this.path(name))) !== entry.sha256) {
-        throw new ArtifactError(
-          `${this.path(name)} does not match its sha256 in the manifest (altered or corrupted); rebuild the artifact or re-copy it`,
-        );
-      }
+  }
+  if (verify !== 'full') return;
+  for (const [name, entry] of Object.entries(files)) {
+    const target = path.join(root, name);
+    if ((await sha256File(target)) !== entry.sha256) {
+      throw new ArtifactError(
+        `${target} does not match its sha256 in the manifest (altered or corrupted); ` +
+          'rebuild the artifact or re-copy it',
+      );
     }
   }
 }

@@ -1,16 +1,23 @@
 /**
  * The KV-cached generation loop on onnxruntime-node.
  *
- * KV cache: onnxruntime-node cannot bind one buffer as both past input and present output without
- * copying it back into JavaScript after every run (pre-allocated outputs are written in place but
- * returned as fresh copies), so the shared `[1, kv_heads, max_length, head_dim]` buffer of the
- * Python loop would cost a copy of the whole max-length cache per token. This loop instead feeds the
- * growing past (`[1, kv_heads, tokens so far, head_dim]`, attention_mask of past + new) and keeps
- * each step's `present` as the next past: GroupQueryAttention without a shared buffer appends the
- * new keys/values itself. Cost per token: one copy of the cache so far (inside onnxruntime and
- * out to JavaScript), growing with the sequence instead of fixed at max_length. Measured on the
- * Qwen2.5-Coder-0.5B int4 demo artifact at ~50 tokens of context (same tokens either way): 64 ms of
- * CPU per token this way, 79 ms with a shared 512-token buffer, 188 ms with the full 4096.
+ * Graph layouts (contract.js; the artifact's genai_config.json and manifest.json say which):
+ *
+ * - growing (plain-operator graphs of the olive/optimum backends): `present.{i}.*` is past + this
+ *   step; each step's presents are fed back as the next past, rolling back slices the past, and
+ *   `position_ids` is fed when the graph takes it.
+ * - shared (qwen-edge's native GroupQueryAttention graph): run the same growing way here. onnxruntime-node
+ *   cannot bind one buffer as both past input and present output without copying it back into
+ *   JavaScript after every run (pre-allocated outputs are written in place but returned as fresh
+ *   copies), so the shared `[1, kv_heads, max_length, head_dim]` buffer of the Python loop would cost
+ *   a copy of the whole max-length cache per token. Fed the growing past (`[1, kv_heads, tokens so
+ *   far, head_dim]`, attention_mask of past + new), GroupQueryAttention without a shared buffer
+ *   appends the new keys/values itself. Cost per token: one copy of the cache so far (inside
+ *   onnxruntime and out to JavaScript), growing with the sequence instead of fixed at max_length.
+ *   Measured on the Qwen2.5-Coder-0.5B int4 demo artifact at ~50 tokens of context (same tokens either
+ *   way): 64 ms of CPU per token this way, 79 ms with a shared 512-token buffer, 188 ms with the full 4096.
+ * - static (NPU artifacts: fixed-shape prefill/decode graphs compiled for the QNN NPU): refused with
+ *   an ArtifactError saying to use the Python runtime with the QNN execution provider.
  *
  * Logits: onnxruntime-node only feeds the graph's declared inputs, so the overridable initializer
  * `num_logits_to_keep` cannot be set and a prefill chunk returns logits for every position
@@ -22,6 +29,7 @@
 
 import ort from 'onnxruntime-node';
 
+import { GENAI_CONFIG, POSITION_IDS, STATIC } from './contract.js';
 import { Detokenizer } from './detokenize.js';
 import { ArtifactError, ContextOverflowError, QwenEdgeError } from './errors.js';
 import { Sampler, samplingParams } from './sampling.js';
@@ -74,7 +82,9 @@ export class Generation {
     this.text = '';
     this.finishReason = null; // "stop", "length" or "max_tokens"
     this.notice = null;
-    this.stats = { promptTokens: 0, reusedTokens: 0, prefillTokens: 0, newTokens: 0, prefillS: 0, ttftS: 0, decodeS: 0 };
+    this.stats = {
+      promptTokens: 0, reusedTokens: 0, prefillTokens: 0, newTokens: 0, prefillS: 0, ttftS: 0, decodeS: 0,
+    };
     this.pieces = null;
   }
 
@@ -91,6 +101,17 @@ export class Generation {
 
 const now = () => performance.now() / 1000;
 const int64 = (values) => new ort.Tensor('int64', BigInt64Array.from(values, BigInt), [1, values.length]);
+const range = (start, end) => Array.from({ length: end - start }, (_, i) => start + i);
+
+/** Refuse an NPU (static) artifact in one line that says what to do instead. */
+function refuseStatic(artifact) {
+  if (artifact.layout.kvCache !== STATIC) return;
+  throw new ArtifactError(
+    `${artifact.root} is an NPU artifact (fixed-shape prefill/decode graphs compiled for the QNN NPU), which the ` +
+      'JavaScript runtime cannot run: run it with the Python runtime (qwen-edge run) and the device\'s QNN ' +
+      'execution provider, or build a CPU recipe for JavaScript',
+  );
+}
 
 /**
  * Runs an artifact's model with a persistent KV cache. `generate(ids)` takes the whole sequence:
@@ -100,12 +121,14 @@ const int64 = (values) => new ort.Tensor('int64', BigInt64Array.from(values, Big
 export class Generator {
   /** Open the session and tokenizer of an opened Artifact. */
   static async create(artifact, { maxLength = null, prefillChunk = null } = {}) {
+    refuseStatic(artifact);
     const tokenizer = loadTokenizer(artifact);
     const session = await createSession(artifact.modelPath, artifact.profile);
     return new Generator(artifact, session, tokenizer, { maxLength, prefillChunk });
   }
 
   constructor(artifact, session, tokenizer, { maxLength, prefillChunk }) {
+    refuseStatic(artifact);
     const info = artifact.model;
     this.artifact = artifact;
     this.session = session;
@@ -116,20 +139,31 @@ export class Generator {
       throw new QwenEdgeError(`prefill_chunk must be an integer >= 1, not ${this.prefillChunk}`);
     }
     this.eosTokenIds = [...info.eosTokenIds];
-    this.kvNames = [];
-    for (let i = 0; i < info.numLayers; i++) {
-      for (const k of ['key', 'value']) this.kvNames.push([`past_key_values.${i}.${k}`, `present.${i}.${k}`]);
-    }
-    const missing = ['input_ids', 'attention_mask', ...this.kvNames.map(([p]) => p)].filter((n) => !session.inputNames.includes(n));
-    missing.push(...['logits', ...this.kvNames.map(([, q]) => q)].filter((n) => !session.outputNames.includes(n)));
+    this.layout = artifact.layout;
+    const names = this.layout.names;
+    this.names = { ...names, positionIds: this.layout.positionIds ? names.positionIds ?? POSITION_IDS : null };
+    this.kvNames = this.layout.kvNames(info.numLayers); // [past input, present output]
+    const { inputIds, attentionMask, positionIds, logits } = this.names;
+    const needed = [inputIds, attentionMask, ...(positionIds ? [positionIds] : []), ...this.kvNames.map(([p]) => p)];
+    const missing = needed.filter((n) => !session.inputNames.includes(n));
+    missing.push(...[logits, ...this.kvNames.map(([, q]) => q)].filter((n) => !session.outputNames.includes(n)));
     if (missing.length) {
       throw new ArtifactError(
         `${artifact.modelPath} lacks the graph inputs/outputs ${missing.slice(0, 4).join(', ')} that the manifest's ` +
-          `${info.numLayers} layers imply; rebuild the artifact`,
+          `${info.numLayers} layers and ${GENAI_CONFIG} imply; rebuild the artifact`,
+      );
+    }
+    if (!positionIds && session.inputNames.includes(POSITION_IDS)) {
+      throw new ArtifactError(
+        `${artifact.modelPath} takes position_ids but ${GENAI_CONFIG} does not list them; rebuild the artifact`,
       );
     }
     const kvType = session.inputMetadata?.find?.((m) => m.name === this.kvNames[0][0])?.type ?? 'float32';
-    if (kvType !== 'float32') throw new ArtifactError(`KV cache type ${kvType} is not supported by the JavaScript runtime; rebuild the artifact with float32 KV`);
+    if (kvType !== 'float32') {
+      throw new ArtifactError(
+        `KV cache type ${kvType} is not supported by the JavaScript runtime; rebuild the artifact with float32 KV`,
+      );
+    }
     this.vocabSize = info.vocabSize;
     this.kvShape = [info.numKvHeads, info.headDim];
     this.tokens = [];
@@ -149,13 +183,16 @@ export class Generator {
 
   #emptyPast(len) {
     const [heads, dim] = this.kvShape;
-    return Object.fromEntries(this.kvNames.map(([p]) => [p, new ort.Tensor('float32', new Float32Array(heads * len * dim), [1, heads, len, dim])]));
+    const empty = () => new ort.Tensor('float32', new Float32Array(heads * len * dim), [1, heads, len, dim]);
+    return Object.fromEntries(this.kvNames.map(([p]) => [p, empty()]));
   }
 
-  /** Roll the cache back to its first `n` tokens. */
+  /** Roll the cache back to its first `n` tokens (slices the past: `[1, heads, n, dim]` of each tensor). */
   truncate(n) {
     const pos = this.position;
-    if (!(Number.isInteger(n) && n >= 0 && n <= pos)) throw new QwenEdgeError(`cannot truncate the cache to ${n} tokens; it holds ${pos}`);
+    if (!(Number.isInteger(n) && n >= 0 && n <= pos)) {
+      throw new QwenEdgeError(`cannot truncate the cache to ${n} tokens; it holds ${pos}`);
+    }
     if (n === pos) return;
     const [heads, dim] = this.kvShape;
     const past = this.#emptyPast(n);
@@ -183,13 +220,17 @@ export class Generator {
     return logits;
   }
 
+  /** One run: this step's presents (past + `ids`) become the next past. */
   async #step(ids) {
-    const total = this.position + ids.length;
-    const feeds = { input_ids: int64(ids), attention_mask: int64(new Array(total).fill(1)), ...this.past };
+    const pos = this.position;
+    const total = pos + ids.length;
+    const { inputIds, attentionMask, positionIds, logits } = this.names;
+    const feeds = { [inputIds]: int64(ids), [attentionMask]: int64(new Array(total).fill(1)), ...this.past };
+    if (positionIds) feeds[positionIds] = int64(range(pos, total));
     const out = await this.session.run(feeds);
     this.past = Object.fromEntries(this.kvNames.map(([p, q]) => [p, out[q]]));
     this.tokens.push(...ids);
-    const data = out.logits.data;
+    const data = out[logits].data;
     return data.subarray(data.length - this.vocabSize);
   }
 
@@ -213,28 +254,37 @@ export class Generator {
    * end of the context. `onToken(id)` may return token ids to force after a sampled token (e.g.
    * closing a thinking block); they count as generated.
    */
-  generate(promptIds, params = samplingParams(), { maxNewTokens = 256, stopStrings = [], stopTokenIds = null, onToken = null } = {}) {
+  generate(
+    promptIds,
+    params = samplingParams(),
+    { maxNewTokens = 256, stopStrings = [], stopTokenIds = null, onToken = null } = {},
+  ) {
     const ids = Array.from(promptIds, Number);
     if (!ids.length) throw new QwenEdgeError('the prompt is empty; give at least one token');
-    if (!(Number.isInteger(maxNewTokens) && maxNewTokens >= 1)) throw new QwenEdgeError(`max_new_tokens must be >= 1, not ${maxNewTokens}`);
+    if (!(Number.isInteger(maxNewTokens) && maxNewTokens >= 1)) {
+      throw new QwenEdgeError(`max_new_tokens must be >= 1, not ${maxNewTokens}`);
+    }
     if (ids.length >= this.maxLength) {
       const ctx = this.artifact.model.contextLength;
       const more = this.maxLength < ctx ? `, raise --max-length (up to ${ctx})` : '';
       throw new ContextOverflowError(
         `the prompt has ${ids.length} tokens; with ${maxNewTokens} new tokens it needs ${ids.length + maxNewTokens} ` +
-          `but the context holds ${this.maxLength}; shorten the prompt${more}, or use an artifact built with a longer context`,
+          `but the context holds ${this.maxLength}; shorten the prompt${more}, ` +
+          'or use an artifact built with a longer context',
       );
     }
     const stops = new Set(stopTokenIds ?? this.eosTokenIds);
     const gen = new Generation();
-    gen.pieces = this.#run(gen, ids, new Sampler(params), maxNewTokens, new StopFilter([...stopStrings]), stops, onToken);
+    const stopText = new StopFilter([...stopStrings]);
+    gen.pieces = this.#run(gen, ids, new Sampler(params), maxNewTokens, stopText, stops, onToken);
     return gen;
   }
 
   async *#run(gen, ids, sampler, maxNew, stopText, stops, onToken) {
     const stats = gen.stats;
     const t0 = now();
-    const reuse = Math.min(this.commonPrefix(ids), ids.length - 1); // the last prompt token is always fed for its logits
+    // the last prompt token is always fed for its logits
+    const reuse = Math.min(this.commonPrefix(ids), ids.length - 1);
     this.truncate(reuse);
     Object.assign(stats, { promptTokens: ids.length, reusedTokens: reuse, prefillTokens: ids.length - reuse });
     let logits = await this.append(ids.slice(reuse));
@@ -291,7 +341,9 @@ export class Generator {
 function checkMaxLength(maxLength, contextLength) {
   if (maxLength === null || maxLength === undefined) return contextLength;
   if (!(Number.isInteger(maxLength) && maxLength >= 2 && maxLength <= contextLength)) {
-    throw new QwenEdgeError(`max_length ${maxLength} must be between 2 and the artifact's context length ${contextLength}`);
+    throw new QwenEdgeError(
+      `max_length ${maxLength} must be between 2 and the artifact's context length ${contextLength}`,
+    );
   }
   return maxLength;
 }

@@ -1,6 +1,7 @@
 /** qwen-edge JavaScript runtime: open an artifact, generate with a KV cache, stream, chat. */
 
 export { Artifact, sha256File } from './artifact.js';
+export { GROWING, GraphLayout, LAYOUTS, SHARED, STATIC } from './contract.js';
 export { CLOSE_THINKING, ChatSession, ChatTemplate, ThinkingBudget, stripThinking } from './chat.js';
 export { Detokenizer } from './detokenize.js';
 export { ArtifactError, ContextOverflowError, QwenEdgeError } from './errors.js';

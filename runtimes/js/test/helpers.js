@@ -1,4 +1,5 @@
-/** Test helpers: the Python interpreter of the repo, tiny artifacts built by the Python toolkit, the Python reference loop. */
+/** Test helpers: the repo's Python interpreter, tiny artifacts built by the Python toolkit, the Python reference
+ * loop, the shared conformance cases. */
 
 import { execFileSync } from 'node:child_process';
 import { existsSync, mkdtempSync, rmSync } from 'node:fs';
@@ -17,7 +18,7 @@ export function python() {
 }
 
 function runPython(script, args = [], input = undefined) {
-  const out = execFileSync(python(), [path.join(HERE, script), ...args], {
+  const out = execFileSync(python(), [path.resolve(HERE, script), ...args], {
     cwd: REPO,
     input,
     encoding: 'utf8',
@@ -27,16 +28,30 @@ function runPython(script, args = [], input = undefined) {
   return JSON.parse(out.trim().split('\n').pop());
 }
 
+const tempDirs = [];
+process.on('exit', () => {
+  for (const dir of tempDirs) rmSync(dir, { recursive: true, force: true });
+});
+
 /** A fresh temporary directory, removed when the test process exits. */
 export function tempDir(prefix = 'qwen-edge-js-') {
   const dir = mkdtempSync(path.join(os.tmpdir(), prefix));
-  process.on('exit', () => rmSync(dir, { recursive: true, force: true }));
+  tempDirs.push(dir);
   return dir;
 }
 
 /** Build the tiny artifacts into a temp dir; returns {name: path}. */
 export function buildTinyArtifacts() {
   return runPython('make_tiny_artifact.py', [tempDir()]);
+}
+
+/**
+ * Build the shared conformance artifacts and compute the expected results of tests/conformance/cases.json
+ * (tests/conformance/make_conformance.py): {artifacts: {name: {path, layout, ...}}, cases: [...]}.
+ */
+export function conformance() {
+  const script = path.join(REPO, 'tests', 'conformance', 'make_conformance.py');
+  return runPython(script, [tempDir('qwen-edge-conformance-')]);
 }
 
 /** Greedy results of the Python loop for `cases` ({messages} or {text}, max_new_tokens). */

@@ -1,6 +1,8 @@
-"""Build the tiny random Qwen artifacts the JS runtime tests run on (tests/tiny_models.py + edge.build).
+"""Build the tiny random Qwen artifacts the JS runtime tests run on (tests/tiny_models.py, `qwen-edge build`).
 
 Usage: python make_tiny_artifact.py OUT_DIR  -> prints a JSON object {name: artifact path}.
+The artifacts are the conformance suite's native ones (tests/conformance/make_conformance.py), built
+through the CLI from recipe files.
 """
 
 from __future__ import annotations
@@ -10,27 +12,17 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[3]
-sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "tests" / "conformance"))
 
-import tiny_models  # noqa: E402
-from edge.build import build  # noqa: E402
-from edge.recipe import Precision, Recipe  # noqa: E402
+from make_conformance import ARTIFACTS, build_artifacts  # noqa: E402
 
-VARIANTS = {  # name -> (family, tied, weights)
-    "qwen2-fp32": ("qwen2", False, "fp32"),
-    "qwen3-int4": ("qwen3", True, "int4"),
-}
+VARIANTS = ("qwen2-fp32", "qwen3-int4")  # native fp32 Qwen2 (untied), native int4 Qwen3 (tied)
 
 
 def main(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    built = {}
-    for name, (family, tied, weights) in VARIANTS.items():
-        model = tiny_models.build_hf_model(out / f"hf-{family}-{'tied' if tied else 'untied'}", family, tied)
-        recipe = Recipe(name="tiny", source=str(model), context_length=256,
-                        precision=Precision(weights=weights), fidelity={"enabled": False})
-        built[name] = str(build(recipe, out=out / name, progress=False).out_dir)
-    print(json.dumps(built))
+    built = build_artifacts(out, {name: ARTIFACTS[name] for name in VARIANTS})
+    print(json.dumps({name: str(path) for name, path in built.items()}))
 
 
 if __name__ == "__main__":

@@ -33,8 +33,15 @@ def main() -> None:
         gen.reset()
         g = gen.generate(ids, SamplingParams(), case["max_new_tokens"])
         text = g.read()
-        results.append({"prompt": prompt, "prompt_ids": ids, "token_ids": g.token_ids, "text": text,
-                        "finish_reason": g.finish_reason})
+        results.append(
+            {
+                "prompt": prompt,
+                "prompt_ids": ids,
+                "token_ids": g.token_ids,
+                "text": text,
+                "finish_reason": g.finish_reason,
+            }
+        )
     json.dump(results, sys.stdout, ensure_ascii=False)
 
 

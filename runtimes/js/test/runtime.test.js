@@ -1,13 +1,20 @@
 import assert from 'node:assert/strict';
 import { execFileSync, spawnSync } from 'node:child_process';
-import { closeSync, cpSync, openSync, readSync, statSync, truncateSync, writeSync } from 'node:fs';
+import {
+  closeSync, copyFileSync, cpSync, openSync, readdirSync, readFileSync, readSync, rmSync, statSync, truncateSync,
+  writeFileSync, writeSync,
+} from 'node:fs';
 import path from 'node:path';
 import { before, describe, test } from 'node:test';
+
+import ort from 'onnxruntime-node';
 
 import {
   Artifact, ArtifactError, ChatSession, ChatTemplate, ContextOverflowError, Detokenizer, Generator, Sampler, StopFilter, CLOSE_THINKING, ThinkingBudget, samplingParams, stripThinking,
 } from '../src/index.js';
+import { GROWING, GraphLayout, SHARED, STATIC } from '../src/contract.js';
 import { buildTinyArtifacts, pythonGreedy, REPO, tempDir } from './helpers.js';
+import { sha256File } from '../src/artifact.js';
 
 let artifacts;
 before(() => {
@@ -207,6 +214,190 @@ describe('KV cache and context', () => {
     await g.read();
     assert.equal(g.finishReason, 'length');
     assert.equal(gen.position, 8);
+  });
+});
+
+/**
+ * Copy artifact `src`, let `change(dir, manifest)` edit its files and manifest (in place), then rewrite the
+ * manifest's file table (size + sha256 of every file) as the build would.
+ */
+async function rewriteArtifact(src, change) {
+  const dir = copyArtifact(src);
+  const manifestPath = path.join(dir, 'manifest.json');
+  const manifest = JSON.parse(readFileSync(manifestPath, 'utf8'));
+  await change(dir, manifest);
+  manifest.files = {};
+  for (const name of readdirSync(dir).sort()) {
+    if (name === 'manifest.json') continue;
+    const file = path.join(dir, name);
+    manifest.files[name] = { size: statSync(file).size, sha256: await sha256File(file) };
+  }
+  writeFileSync(manifestPath, JSON.stringify(manifest));
+  return dir;
+}
+
+/** rewriteArtifact with `edit(config)` applied to genai_config.json. */
+function rewriteGenaiConfig(src, edit) {
+  return rewriteArtifact(src, (dir) => {
+    const file = path.join(dir, 'genai_config.json');
+    const config = JSON.parse(readFileSync(file, 'utf8'));
+    edit(config);
+    writeFileSync(file, JSON.stringify(config));
+  });
+}
+
+const oneLine = (pattern) => (e) => e instanceof ArtifactError && !e.message.includes('\n') && pattern.test(e.message);
+
+async function greedyRuns(dir, prompts, maxNewTokens = 12) {
+  const gen = await Generator.create(await Artifact.open(dir, { verify: 'none' }), { prefillChunk: 5 });
+  const runs = [];
+  for (const ids of prompts) {
+    const g = gen.generate(ids, samplingParams(), { maxNewTokens, stopTokenIds: [] });
+    await g.read();
+    runs.push({ tokenIds: g.tokenIds, reused: g.stats.reusedTokens });
+  }
+  return { gen, runs };
+}
+
+describe('graph layouts (genai_config.json)', () => {
+  test('a native artifact states the shared layout; without genai_config.json it is the same', async () => {
+    const native = await Artifact.open(artifacts['qwen2-fp32'], { verify: 'none' });
+    assert.equal(native.layout.kvCache, SHARED);
+    assert.equal(native.layout.positionIds, false);
+    const bare = await rewriteArtifact(artifacts['qwen2-fp32'], (dir) => rmSync(path.join(dir, 'genai_config.json')));
+    const layout = (await Artifact.open(bare)).layout;
+    assert.deepEqual([layout.kvCache, layout.positionIds, layout.names], [SHARED, false, native.layout.names]);
+    const ids = [[10, 11, 12, 13, 14, 15, 16]];
+    assert.deepEqual((await greedyRuns(bare, ids)).runs, (await greedyRuns(artifacts['qwen2-fp32'], ids)).runs);
+  });
+
+  test('the growing layout feeds presents back as the past, rolls back and reuses the prefix', async () => {
+    const growing = await rewriteGenaiConfig(artifacts['qwen2-fp32'], (c) => {
+      c.search.past_present_share_buffer = false;
+    });
+    assert.equal((await Artifact.open(growing)).layout.kvCache, GROWING);
+    const first = Array.from({ length: 17 }, (_, i) => 20 + i);
+    const prompts = [first, [...first.slice(0, 9), 50, 51, 52], [...first.slice(0, 9), 50, 51, 52, 53]];
+    const a = await greedyRuns(growing, prompts);
+    const b = await greedyRuns(artifacts['qwen2-fp32'], prompts);
+    assert.deepEqual(a.runs, b.runs);
+    assert.deepEqual(a.runs.map((r) => r.reused), [0, 9, 12]); // rolled back to the shared prefix, then extended
+    for (const [i, ids] of prompts.entries()) { // each equals a fresh run on its own
+      const fresh = await greedyRuns(growing, [ids]);
+      assert.deepEqual(fresh.runs[0].tokenIds, a.runs[i].tokenIds, `prompt ${i}`);
+    }
+    assert.equal(a.gen.past['past_key_values.0.key'].dims[2], a.gen.position);
+  });
+
+  test('position_ids follow the cache position, and a rollback slices the past', async () => {
+    const artifact = await Artifact.open(artifacts['qwen2-fp32'], { verify: 'none' });
+    const { numLayers, numKvHeads: heads, headDim: dim, vocabSize } = artifact.model;
+    const layout = new GraphLayout(GROWING, true, { ...artifact.layout.names, positionIds: 'position_ids' });
+    const kv = layout.kvNames(numLayers);
+    const feeds = [];
+    // a fake plain-operator graph: present = past + this step, each new position filled with its position id
+    const session = {
+      inputNames: ['input_ids', 'attention_mask', 'position_ids', ...kv.map(([p]) => p)],
+      outputNames: ['logits', ...kv.map(([, q]) => q)],
+      async run(f) {
+        feeds.push(f);
+        const positions = Array.from(f.position_ids.data, Number);
+        const past = f[kv[0][0]];
+        const len = past.dims[2] + positions.length;
+        const out = { logits: new ort.Tensor('float32', new Float32Array(positions.length * vocabSize),
+          [1, positions.length, vocabSize]) };
+        out.logits.data[out.logits.data.length - vocabSize + 7] = 1; // always picks token 7
+        for (const [p, q] of kv) {
+          const data = new Float32Array(heads * len * dim);
+          for (let h = 0; h < heads; h++) {
+            data.set(f[p].data.subarray(h * past.dims[2] * dim, (h + 1) * past.dims[2] * dim), h * len * dim);
+            const at = (i) => (h * len + past.dims[2] + i) * dim;
+            positions.forEach((t, i) => data.fill(t, at(i), at(i + 1)));
+          }
+          out[q] = new ort.Tensor('float32', data, [1, heads, len, dim]);
+        }
+        return out;
+      },
+    };
+    const fake = { root: artifact.root, modelPath: artifact.modelPath, model: artifact.model, profile: {}, layout };
+    const gen = new Generator(fake, session, null, { maxLength: 64, prefillChunk: 4 });
+    await gen.append([1, 2, 3, 4, 5, 6]); // two chunks: 4 + 2
+    await gen.append([7]);
+    gen.truncate(3);
+    await gen.append([8, 9]);
+    const steps = feeds.map((f) => ({
+      positions: Array.from(f.position_ids.data, Number),
+      mask: f.attention_mask.dims[1],
+      pastLen: f[kv[0][0]].dims[2],
+    }));
+    assert.deepEqual(steps, [
+      { positions: [0, 1, 2, 3], mask: 4, pastLen: 0 },
+      { positions: [4, 5], mask: 6, pastLen: 4 },
+      { positions: [6], mask: 7, pastLen: 6 },
+      { positions: [3, 4], mask: 5, pastLen: 3 },
+    ]);
+    const past = feeds[3][kv[1][0]]; // after the rollback: each head's first 3 positions, in order
+    for (let h = 0; h < heads; h++) {
+      const row = Array.from({ length: 3 }, (_, t) => past.data[(h * 3 + t) * dim]);
+      assert.deepEqual(row, [0, 1, 2], `head ${h}`);
+    }
+    assert.equal(gen.past[kv[0][0]].dims[2], 5);
+  });
+
+  test('a graph that takes position_ids unlisted in genai_config.json, or lacks listed ones, is refused', async () => {
+    const artifact = await Artifact.open(artifacts['qwen2-fp32'], { verify: 'none' });
+    const kv = artifact.layout.kvNames(artifact.model.numLayers);
+    const session = {
+      inputNames: ['input_ids', 'attention_mask', 'position_ids', ...kv.map(([p]) => p)],
+      outputNames: ['logits', ...kv.map(([, q]) => q)],
+    };
+    assert.throws(() => new Generator(artifact, session, null, {}),
+      oneLine(/takes position_ids but genai_config\.json does not list them; rebuild the artifact/));
+    const declared = await rewriteGenaiConfig(artifacts['qwen2-fp32'], (c) => {
+      c.model.decoder.inputs.position_ids = 'position_ids';
+    });
+    const opened = await Artifact.open(declared);
+    assert.equal(opened.layout.positionIds, true);
+    await assert.rejects(Generator.create(opened), oneLine(/lacks the graph inputs\/outputs position_ids .*rebuild/));
+  });
+
+  test('a malformed genai_config.json is one line saying to rebuild', async () => {
+    const broken = await rewriteArtifact(artifacts['qwen2-fp32'], (dir) => {
+      const file = path.join(dir, 'genai_config.json');
+      writeFileSync(file, readFileSync(file, 'utf8').slice(0, 200));
+    });
+    await assert.rejects(Artifact.open(broken),
+      oneLine(/genai_config\.json is unreadable or malformed \(.*\); rebuild the artifact$/));
+    const edits = [
+      (c) => { c.search.past_present_share_buffer = 'no'; },
+      (c) => { c.model.decoder.inputs = ['input_ids']; },
+      (c) => { delete c.model.decoder; },
+      (c) => { c.model.decoder.outputs.present_key_names = 'present.key'; },
+    ];
+    for (const edit of edits) {
+      await assert.rejects(Artifact.open(await rewriteGenaiConfig(artifacts['qwen2-fp32'], edit)),
+        oneLine(/genai_config\.json.* malformed|not a graph name pattern.*rebuild the artifact/));
+    }
+  });
+
+  test('an NPU (static) artifact is refused in one line that says what to do', async () => {
+    const npu = await rewriteArtifact(artifacts['qwen2-fp32'], (dir, manifest) => {
+      for (const graph of ['prefill.onnx', 'decode.onnx']) {
+        copyFileSync(path.join(dir, 'model.onnx'), path.join(dir, graph));
+      }
+      rmSync(path.join(dir, 'model.onnx'));
+      manifest.static = { prefill: 'prefill.onnx', decode: 'decode.onnx', chunk: 32, context_length: 256 };
+      manifest.profile = { ...manifest.profile, execution_provider: 'qnn' };
+    });
+    const artifact = await Artifact.open(npu); // verifies like any artifact: the two graphs instead of model.onnx
+    assert.equal(artifact.layout.kvCache, STATIC);
+    const refusal = new RegExp("is an NPU artifact .*Python runtime \\(qwen-edge run\\) and the device's QNN " +
+      'execution provider, or build a CPU recipe for JavaScript$');
+    await assert.rejects(Generator.create(artifact), oneLine(refusal));
+    const cli = path.join(REPO, 'runtimes', 'js', 'bin', 'qwen-edge-js.mjs');
+    const r = spawnSync(process.execPath, [cli, 'run', npu, 'hi'], { encoding: 'utf8' });
+    assert.equal(r.status, 2);
+    assert.match(r.stderr, /^error: .*is an NPU artifact .*build a CPU recipe for JavaScript\n$/);
   });
 });
 

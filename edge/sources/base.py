@@ -1,8 +1,9 @@
-"""Open a model to build from: a Hugging Face directory, a Hub id, or a GGUF file, as a `Source`.
+"""What every model source shares: the `Source` interface, its errors, weight hashing, the Hugging Face
+tensor names and config of a `QwenConfig`, and the tokenizer and fp32-directory writers.
 
 A `Source` gives the normalized `QwenConfig`, fp32 tensors by Hugging Face name (read lazily, one
 at a time), a fingerprint of the weights, the tokenizer files, and the transformers fp32 reference
-model the fidelity check compares against.
+model the fidelity check compares against. `edge.sources.hf` and `edge.sources.gguf` implement it.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import tempfile
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -18,17 +18,12 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
+from edge import report
+from edge.artifact.licenses import LicenseFacts
 from edge.config import QwenConfig
-from edge.licenses import LicenseFacts, directory_facts
-from edge.pypi_gguf import cache_root
+from qwen_edge.contract import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
 from qwen_edge.errors import QwenEdgeError
 
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-HUB_PATTERNS = [
-    "config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
-    "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "vocab.json", "merges.txt",
-    "LICENSE*", "README.md",
-]
 _HASH_CHUNK = 8 << 20
 READ_ROWS = 16384  # rows of a large matrix read at a time, so that its fp32 copy never exists whole
 
@@ -44,14 +39,20 @@ class SourceError(QwenEdgeError):
     """A model source that cannot be opened or read."""
 
 
-def file_sha256(path: Path, cache_dir: Path | None = None, progress: bool = False) -> str:
-    """sha256 of a file, streamed; remembered in a sidecar keyed by path, size and mtime."""
+def cache_root(cache_dir: Path | str | None = None) -> Path:
+    """The cache directory: the argument, else ``$QWEN_EDGE_CACHE``, else ``~/.cache/qwen-edge``."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    return Path(os.environ.get("QWEN_EDGE_CACHE") or Path.home() / ".cache" / "qwen-edge")
+
+
+def file_sha256(path: Path, cache_dir: Path | None = None) -> str:
+    """sha256 of a file, streamed (with a progress bar above 64 MB); remembered in a sidecar keyed by
+    path, size and mtime."""
     path = Path(path).resolve()
     st = path.stat()
     key = {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    sidecar = cache_root(cache_dir) / "sha256" / (
-        hashlib.sha256(str(path).encode()).hexdigest()[:32] + ".json"
-    )
+    sidecar = cache_root(cache_dir) / "sha256" / (hashlib.sha256(str(path).encode()).hexdigest()[:32] + ".json")
     try:
         cached = json.loads(sidecar.read_text())
         if {k: cached.get(k) for k in key} == key:
@@ -59,7 +60,7 @@ def file_sha256(path: Path, cache_dir: Path | None = None, progress: bool = Fals
     except (OSError, ValueError, KeyError):
         pass
     digest = hashlib.sha256()
-    bar = _bytes_bar(st.st_size, f"sha256 {path.name}", progress and st.st_size > 64 << 20)
+    bar = _bytes_bar(st.st_size, f"sha256 {path.name}", st.st_size > 64 << 20)
     with open(path, "rb") as f:
         while chunk := f.read(_HASH_CHUNK):
             digest.update(chunk)
@@ -86,11 +87,17 @@ def hf_tensor_shapes(config: QwenConfig) -> dict[str, tuple[int, ...]]:
         shapes[p + "self_attn.k_proj.weight"] = (kv, h)
         shapes[p + "self_attn.v_proj.weight"] = (kv, h)
         if config.attention_bias:
-            shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
-                           p + "self_attn.v_proj.bias": (kv,)})
+            shapes.update(
+                {
+                    p + "self_attn.q_proj.bias": (q,),
+                    p + "self_attn.k_proj.bias": (kv,),
+                    p + "self_attn.v_proj.bias": (kv,),
+                }
+            )
         if config.qk_norm:
-            shapes.update({p + "self_attn.q_norm.weight": (config.head_dim,),
-                           p + "self_attn.k_norm.weight": (config.head_dim,)})
+            shapes.update(
+                {p + "self_attn.q_norm.weight": (config.head_dim,), p + "self_attn.k_norm.weight": (config.head_dim,)}
+            )
         shapes[p + "self_attn.o_proj.weight"] = (h, q)
         shapes[p + "post_attention_layernorm.weight"] = (h,)
         shapes[p + "mlp.gate_proj.weight"] = (config.intermediate_size, h)
@@ -134,7 +141,7 @@ def hf_config_dict(config: QwenConfig) -> dict:
 SHARD_BYTES = 2 << 30
 
 
-def write_hf_directory(source: "Source", out_dir: Path, progress: bool = True) -> Path:
+def write_hf_directory(source: "Source", out_dir: Path) -> Path:
     """Write `source` as a Hugging Face fp32 directory (config.json, safetensors shards of at most
     2 GiB with an index, tokenizer files) for tools that read only that layout. The files go to a
     temporary sibling directory renamed to `out_dir` at the end; an existing `out_dir` is replaced."""
@@ -142,7 +149,6 @@ def write_hf_directory(source: "Source", out_dir: Path, progress: bool = True) -
     import shutil
 
     from safetensors.numpy import save_file
-    from tqdm.auto import tqdm
 
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -159,7 +165,7 @@ def write_hf_directory(source: "Source", out_dir: Path, progress: bool = True) -
             groups[-1].append(n)
             size += nbytes
         weight_map = {}
-        bar = tqdm(total=len(shapes), desc="write fp32 safetensors", unit="tensor", disable=not progress)
+        bar = report.current().bar(total=len(shapes), desc="write fp32 safetensors", unit="tensor")
         for i, names in enumerate(groups, 1):
             fname = "model.safetensors" if len(groups) == 1 else f"model-{i:05d}-of-{len(groups):05d}.safetensors"
             tensors = {}
@@ -172,7 +178,8 @@ def write_hf_directory(source: "Source", out_dir: Path, progress: bool = True) -
         if len(groups) > 1:
             total = 4 * sum(math.prod(s) for s in shapes.values())
             (tmp / "model.safetensors.index.json").write_text(
-                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+            )
         source.write_tokenizer(tmp)
         tmp.chmod(0o755)  # mkdtemp makes it private; safetensors writes 0600 files
         for f in tmp.iterdir():
@@ -186,9 +193,9 @@ def write_hf_directory(source: "Source", out_dir: Path, progress: bool = True) -
 
 
 def _bytes_bar(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=not enabled)
+    return report.current().bar(
+        total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=not enabled
+    )
 
 
 class Source(ABC):
@@ -198,10 +205,9 @@ class Source(ABC):
     spec: str
     config: QwenConfig
 
-    def __init__(self, spec: str, cache_dir: Path | None, progress: bool):
+    def __init__(self, spec: str, cache_dir: Path | None):
         self.spec = spec
         self.cache_dir = Path(cache_dir) if cache_dir else None
-        self.progress = progress
 
     @abstractmethod
     def tensor_names(self) -> list[str]:
@@ -233,7 +239,7 @@ class Source(ABC):
     def fingerprint(self) -> dict:
         """kind, spec, sha256 of the weights (one file: its hash; several: hash of their hashes), bytes."""
         files = self.weight_files()
-        hashes = [file_sha256(f, self.cache_dir, self.progress) for f in files]
+        hashes = [file_sha256(f, self.cache_dir) for f in files]
         digest = hashes[0] if len(hashes) == 1 else hashlib.sha256("\n".join(hashes).encode()).hexdigest()
         return {
             "kind": self.kind,
@@ -244,7 +250,11 @@ class Source(ABC):
         }
 
     def _missing(self, name: str) -> SourceError:
-        hint = " (the model ties lm_head to the embeddings)" if name == "lm_head.weight" and self.config.tie_word_embeddings else ""
+        hint = (
+            " (the model ties lm_head to the embeddings)"
+            if name == "lm_head.weight" and self.config.tie_word_embeddings
+            else ""
+        )
         return SourceError(f"{self.spec} has no tensor {name!r}{hint}")
 
 
@@ -256,166 +266,30 @@ def save_tokenizer(tokenizer, out_dir: Path, config: QwenConfig, generation_conf
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
         tokenizer.save_pretrained(tmp)
         tmp = Path(tmp)
-        tok_cfg = json.loads((tmp / "tokenizer_config.json").read_text(encoding="utf-8"))
+        tok_cfg = json.loads((tmp / TOKENIZER_CONFIG_FILE).read_text(encoding="utf-8"))
         template = tokenizer.chat_template
         if not template:
-            raise SourceError(f"the tokenizer of {config.family} model has no chat template; add one to tokenizer_config.json")
+            raise SourceError(
+                f"the tokenizer of {config.family} model has no chat template; add one to tokenizer_config.json"
+            )
         tok_cfg["chat_template"] = template
         for key in ("is_local", "local_files_only", "name_or_path"):
             tok_cfg.pop(key, None)
         if tok_cfg.get("model_max_length", float("inf")) > config.max_position_embeddings:
             tok_cfg["model_max_length"] = config.max_position_embeddings
-        for key, token_id in (("bos_token", config.bos_token_id), ("pad_token", config.pad_token_id),
-                              ("eos_token", config.eos_token_ids[0] if config.eos_token_ids else None)):
+        for key, token_id in (
+            ("bos_token", config.bos_token_id),
+            ("pad_token", config.pad_token_id),
+            ("eos_token", config.eos_token_ids[0] if config.eos_token_ids else None),
+        ):
             if tok_cfg.get(key) is None and token_id is not None:
                 tok_cfg[key] = tokenizer.convert_ids_to_tokens(int(token_id))
         # Written compact: half the bytes of the pretty-printed file, read the same by every client.
-        Tokenizer.from_file(str(tmp / "tokenizer.json")).save(str(out_dir / "tokenizer.json"), pretty=False)
-    _write_json(out_dir / "tokenizer_config.json", tok_cfg)
+        Tokenizer.from_file(str(tmp / TOKENIZER_FILE)).save(str(out_dir / TOKENIZER_FILE), pretty=False)
+    _write_json(out_dir / TOKENIZER_CONFIG_FILE, tok_cfg)
     if generation_config:
         _write_json(out_dir / "generation_config.json", generation_config)
 
 
 def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
-class HFSource(Source):
-    """A Hugging Face model directory: config.json + model.safetensors or indexed shards."""
-
-    kind = "hf"
-
-    def __init__(self, path: Path, spec: str, cache_dir=None, progress=True, kind: str = "hf"):
-        super().__init__(spec, cache_dir, progress)
-        from safetensors import SafetensorError, safe_open
-
-        self.kind = kind
-        self.path = Path(path)
-        cfg_path = self.path / "config.json"
-        if not cfg_path.is_file():
-            raise SourceError(f"{spec}: no config.json; expected a Hugging Face model directory")
-        try:
-            self._hf_config = json.loads(cfg_path.read_text(encoding="utf-8"))
-        except ValueError as e:
-            raise SourceError(f"{cfg_path} is not valid JSON ({e}); re-download the model") from None
-        self.config = QwenConfig.from_hf(self._hf_config)
-        self._files = self._find_weights()
-        self._where: dict[str, Path] = {}
-        for f in self._files:
-            try:
-                with safe_open(str(f), framework="pt") as st:
-                    self._where.update(dict.fromkeys(st.keys(), f))
-            except (SafetensorError, OSError) as e:
-                raise SourceError(f"{f} is not a readable safetensors file ({e}); re-download or re-save it") from None
-
-    def license_facts(self) -> LicenseFacts:
-        facts = directory_facts(self.path)
-        return LicenseFacts(facts.license_id, facts.license_file, (self.spec, *facts.names))
-
-    def _find_weights(self) -> list[Path]:
-        index = self.path / "model.safetensors.index.json"
-        if index.is_file():
-            try:
-                names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            except (ValueError, KeyError) as e:
-                raise SourceError(f"{index} is not a valid safetensors index ({e})") from None
-            missing = [n for n in names if not (self.path / n).is_file()]
-            if missing:
-                raise SourceError(f"{self.spec}: shard(s) {', '.join(missing)} listed in {index.name} are missing; re-download them")
-            return [self.path / n for n in names]
-        if (self.path / "model.safetensors").is_file():
-            return [self.path / "model.safetensors"]
-        shards = sorted(self.path.glob("model-*-of-*.safetensors"))
-        if shards:
-            return shards
-        if list(self.path.glob("*.bin")) or list(self.path.glob("*.pt")) or list(self.path.glob("*.pth")):
-            raise SourceError(
-                f"{self.spec} holds PyTorch .bin weights; qwen-edge reads safetensors only: re-save with "
-                "model.save_pretrained(dir, safe_serialization=True)"
-            )
-        raise SourceError(f"{self.spec}: no model.safetensors (or indexed shards) found")
-
-    def tensor_names(self) -> list[str]:
-        return list(self._where)
-
-    def has_tensor(self, name: str) -> bool:
-        return name in self._where
-
-    def tensor(self, name: str, rows: slice | None = None) -> np.ndarray:
-        from safetensors import safe_open
-
-        if name not in self._where:
-            raise self._missing(name)
-        with safe_open(str(self._where[name]), framework="pt") as st:
-            if rows is not None:  # only those rows' pages of the mapped file are touched
-                return st.get_slice(name)[rows].float().numpy()
-            return st.get_tensor(name).float().numpy()
-
-    def weight_files(self) -> list[Path]:
-        return list(self._files)
-
-    def write_tokenizer(self, out_dir: Path) -> None:
-        from transformers import AutoTokenizer
-
-        if not (self.path / "tokenizer_config.json").is_file():
-            raise SourceError(f"{self.spec}: no tokenizer_config.json; copy the model's tokenizer files next to config.json")
-        gen = self.path / "generation_config.json"
-        save_tokenizer(AutoTokenizer.from_pretrained(self.path), out_dir, self.config,
-                       json.loads(gen.read_text()) if gen.is_file() else None)
-
-    def reference_model(self):
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        return AutoModelForCausalLM.from_pretrained(self.path, dtype=torch.float32).eval()
-
-
-def _download(repo_id: str, progress: bool) -> Path:
-    """snapshot_download the files a build needs into the Hugging Face cache; errors become one clear line."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        GatedRepoError, LocalEntryNotFoundError, OfflineModeIsEnabled, RepositoryNotFoundError,
-    )
-    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
-
-    was_disabled = are_progress_bars_disabled()
-    if not progress:
-        disable_progress_bars()
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
-    except GatedRepoError:
-        raise SourceError(f"{repo_id} is gated: accept its license on huggingface.co and run `hf auth login`") from None
-    except RepositoryNotFoundError:
-        raise SourceError(f"{repo_id} was not found on the Hugging Face Hub; check the id, or give a local directory or .gguf file") from None
-    except (LocalEntryNotFoundError, OfflineModeIsEnabled, OSError) as e:
-        raise SourceError(
-            f"cannot download {repo_id}: the Hub is unreachable (or HF_HUB_OFFLINE is set) and it is not in the "
-            f"local Hugging Face cache; pass a local model directory or a .gguf file instead ({type(e).__name__})"
-        ) from None
-    finally:
-        if not progress and not was_disabled:
-            enable_progress_bars()
-
-
-def open_source(spec: str, *, cache_dir: Path | str | None = None, progress: bool = True) -> Source:
-    """Open a HF model directory, a .gguf file, or a Hub id (`Qwen/Qwen2.5-0.5B-Instruct`) as a Source.
-
-    Hub downloads go to the Hugging Face cache; `cache_dir` holds qwen-edge's weight-hash sidecars
-    (default $QWEN_EDGE_CACHE or ~/.cache/qwen-edge). `progress` shows download and hashing bars.
-    """
-    spec = str(spec)
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        return HFSource(path, spec, cache_dir, progress)
-    if path.is_file():
-        from edge.gguf_source import GGUFSource, is_gguf
-
-        if path.suffix.lower() == ".gguf" or is_gguf(path):
-            return GGUFSource(path, spec, cache_dir, progress)
-        raise SourceError(f"{spec} is a file but not a GGUF model; give a .gguf file, a model directory or a Hub id")
-    if path.suffix.lower() == ".gguf" or path.is_absolute() or spec.startswith(".") or not HUB_ID.match(spec):
-        raise SourceError(
-            f"{spec} not found: give an existing Hugging Face model directory, a .gguf file, "
-            "or a Hub id like Qwen/Qwen2.5-0.5B-Instruct"
-        )
-    return HFSource(_download(spec, progress), spec, cache_dir, progress, kind="hub")

@@ -17,20 +17,26 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from edge.licenses import LICENSE_FILE, LicenseFacts, choose
+from edge.artifact.licenses import LicenseFacts, choose
 from qwen_edge import __version__
-from qwen_edge.artifact import MANIFEST, MODEL_FILE, Artifact
+from qwen_edge.artifact import Artifact
 from qwen_edge.bundle import BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, BUNDLE_JSON, TARGETS
+from qwen_edge.contract import (
+    ALIGNMENT,
+    LICENSE_FILE,
+    MANIFEST,
+    MODEL_DATA_FILE,
+    MODEL_FILE,
+)
 from qwen_edge.errors import QwenEdgeError
 
 INTEGRATION_FILE = "INTEGRATION.md"
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)
-_ALIGN = 4096
 _CHUNK = 1 << 20
 
 # Per-file and total byte limits each target's loader imposes.
 # web: Chrome's largest ArrayBuffer (0x7fe00000 bytes) bounds each fetched file, and 32-bit
-#      WebAssembly memory (4 GiB) bounds the whole model; protobuf bounds model.onnx to 2 GiB.
+#      WebAssembly memory (4 GiB) bounds the whole model; protobuf bounds the graph file to 2 GiB.
 # ios: the App Store's 4 GB limit on an app's uncompressed size.
 # android / desktop: files are copied to app storage and memory-mapped; no format limit.
 _WEB_FILE_LIMIT = 0x7FE00000
@@ -46,20 +52,27 @@ class TargetRules:
 
 
 RULES = {
-    "android": TargetRules(notes=(
-        "entries are stored uncompressed: keep them uncompressed in the APK/AAB (noCompress) or copy them "
-        "to app storage on first run",
-        "Google Play caps the base module at 200 MB: ship larger weights in a Play Asset Delivery pack or "
-        "download them on first run",
-    )),
-    "ios": TargetRules(max_total_bytes=4_000_000_000, notes=(
-        "keep the files together in one folder reference so model.onnx finds its external data",
-    )),
+    "android": TargetRules(
+        notes=(
+            "entries are stored uncompressed: keep them uncompressed in the APK/AAB (noCompress) or copy them "
+            "to app storage on first run",
+            "Google Play caps the base module at 200 MB: ship larger weights in a Play Asset Delivery pack or "
+            "download them on first run",
+        )
+    ),
+    "ios": TargetRules(
+        max_total_bytes=4_000_000_000,
+        notes=(f"keep the files together in one folder reference so {MODEL_FILE} finds its external data",),
+    ),
     "desktop": TargetRules(),
-    "web": TargetRules(max_file_bytes=_WEB_FILE_LIMIT, max_total_bytes=4 * 1024**3, notes=(
-        "each external-data file is fetched into one ArrayBuffer (Chrome: at most 0x7fe00000 bytes)",
-        "the whole model must fit 32-bit WebAssembly memory (4 GiB)",
-    )),
+    "web": TargetRules(
+        max_file_bytes=_WEB_FILE_LIMIT,
+        max_total_bytes=4 * 1024**3,
+        notes=(
+            "each external-data file is fetched into one ArrayBuffer (Chrome: at most 0x7fe00000 bytes)",
+            "the whole model must fit 32-bit WebAssembly memory (4 GiB)",
+        ),
+    ),
 }
 
 
@@ -91,8 +104,9 @@ def _json_bytes(data: dict) -> bytes:
 # -- licence -------------------------------------------------------------------------------------
 
 
-def resolve_license(artifact: Artifact, license_file: str | Path | None = None,
-                    license_id: str | None = None) -> tuple[str, bytes]:
+def resolve_license(
+    artifact: Artifact, license_file: str | Path | None = None, license_id: str | None = None
+) -> tuple[str, bytes]:
     """The model's (licence id, licence text): from the flags or the licence the build recorded."""
     recorded = artifact.manifest.get("license") or {}
     path = artifact.path(recorded["file"]) if recorded.get("file") else None
@@ -113,7 +127,7 @@ def _external_tensors(model) -> list:
 
 
 def _shard(artifact: Artifact, limit: int) -> list[_Entry]:
-    """Split the external data into files of at most `limit` bytes at tensor boundaries; rewrite model.onnx.
+    """Split the external data into files of at most `limit` bytes at tensor boundaries; rewrite the graph file.
 
     Only the graph (not the weights) is loaded. Each shard starts with zero padding so every tensor
     keeps its offset modulo 4096 (what memory-mapping loaders expect).
@@ -128,17 +142,19 @@ def _shard(artifact: Artifact, limit: int) -> list[_Entry]:
     spans.sort(key=lambda s: (s[2], s[0]))
     shards: list[dict] = []
     for offset, length, location, tensor in spans:
-        if length + _ALIGN > limit:
-            raise QwenEdgeError(f"{tensor.name} alone has {length} bytes, over the {limit}-byte file limit of the target")
+        if length + ALIGNMENT > limit:
+            raise QwenEdgeError(
+                f"{tensor.name} alone has {length} bytes, over the {limit}-byte file limit of the target"
+            )
         cur = shards[-1] if shards else None
         if cur is None or cur["location"] != location or offset + length - cur["start"] + cur["pad"] > limit:
-            cur = {"location": location, "start": offset, "pad": offset % _ALIGN, "end": offset, "tensors": []}
+            cur = {"location": location, "start": offset, "pad": offset % ALIGNMENT, "end": offset, "tensors": []}
             shards.append(cur)
         cur["end"] = max(cur["end"], offset + length)
         cur["tensors"].append((tensor, offset))
     entries = []
     for index, shard in enumerate(shards):
-        name = f"{MODEL_FILE}.data.{index:03d}" if len(shards) > 1 else f"{MODEL_FILE}.data"
+        name = f"{MODEL_DATA_FILE}.{index:03d}" if len(shards) > 1 else MODEL_DATA_FILE
         for tensor, offset in shard["tensors"]:
             for e in tensor.external_data:
                 if e.key == "location":
@@ -154,11 +170,12 @@ def _shard(artifact: Artifact, limit: int) -> list[_Entry]:
             while remaining:
                 chunk = f.read(min(_CHUNK, remaining))
                 if not chunk:
-                    raise QwenEdgeError(f"{source} is shorter than model.onnx says; rebuild the artifact")
+                    raise QwenEdgeError(f"{source} is shorter than {MODEL_FILE} says; rebuild the artifact")
                 h.update(chunk)
                 remaining -= len(chunk)
-        entries.append(_Entry(name, shard["pad"] + ranges[0][1], h.hexdigest(), path=source, ranges=ranges,
-                              pad=shard["pad"]))
+        entries.append(
+            _Entry(name, shard["pad"] + ranges[0][1], h.hexdigest(), path=source, ranges=ranges, pad=shard["pad"])
+        )
     entries.append(_generated(MODEL_FILE, model.SerializeToString()))
     return entries
 
@@ -174,16 +191,20 @@ def _model_entries(artifact: Artifact, rules: TargetRules, checks: list[str]) ->
         return plain
     if not too_big:
         largest = max(files, key=lambda n: files[n]["size"])
-        checks.append(f"largest file {largest} ({files[largest]['size']} bytes) is within the {limit}-byte "
-                      "per-file limit: no sharding needed")
+        checks.append(
+            f"largest file {largest} ({files[largest]['size']} bytes) is within the {limit}-byte "
+            "per-file limit: no sharding needed"
+        )
         return plain
     if MODEL_FILE in too_big:
         raise QwenEdgeError(f"{MODEL_FILE} itself exceeds {limit} bytes; rebuild the artifact with external data")
     sharded = _shard(artifact, limit)
     locations = {e.name for e in sharded}
     kept = [e for e in plain if e.name not in too_big and e.name not in locations]
-    checks.append(f"{', '.join(too_big)} over the {limit}-byte per-file limit: split into "
-                  f"{len(sharded) - 1} files at tensor boundaries, {MODEL_FILE} rewritten")
+    checks.append(
+        f"{', '.join(too_big)} over the {limit}-byte per-file limit: split into "
+        f"{len(sharded) - 1} files at tensor boundaries, {MODEL_FILE} rewritten"
+    )
     return kept + sharded
 
 
@@ -241,9 +262,15 @@ class PackageResult:
     license_id: str
 
 
-def package(artifact_dir: str | Path, target: str, out: str | Path | None = None, *,
-            license_file: str | Path | None = None, license_id: str | None = None,
-            max_file_bytes: int | None = None) -> PackageResult:
+def package(
+    artifact_dir: str | Path,
+    target: str,
+    out: str | Path | None = None,
+    *,
+    license_file: str | Path | None = None,
+    license_id: str | None = None,
+    max_file_bytes: int | None = None,
+) -> PackageResult:
     """Write the bundle of an artifact for `target`; `out` is a file, a directory, or None (next to the artifact).
 
     `max_file_bytes` overrides the target's per-file limit (external data is sharded below it).
@@ -267,8 +294,10 @@ def package(artifact_dir: str | Path, target: str, out: str | Path | None = None
     total = sum(e.size for e in entries)
     if rules.max_total_bytes is not None:
         if total > rules.max_total_bytes:
-            raise QwenEdgeError(f"the bundle holds {total} bytes, over the {rules.max_total_bytes}-byte limit of "
-                                f"{target}; use a smaller model or lower precision")
+            raise QwenEdgeError(
+                f"the bundle holds {total} bytes, over the {rules.max_total_bytes}-byte limit of "
+                f"{target}; use a smaller model or lower precision"
+            )
         checks.append(f"total {total} bytes is within the {rules.max_total_bytes}-byte limit")
     entries.sort(key=lambda e: e.name)
     meta = {

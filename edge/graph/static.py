@@ -1,7 +1,7 @@
 """Emit the Qwen2/Qwen3 decoder as two static-shape fp32 ONNX graphs for NPUs (QNN HTP first).
 
 NPU compilers want every shape fixed and only standard ONNX operators, so instead of the
-GroupQueryAttention graph of edge/graph.py this module writes:
+GroupQueryAttention graph of edge.graph.decoder this module writes:
 
 - ``prefill.onnx``: a chunk of C tokens per run;
 - ``decode.onnx``: one token per run;
@@ -39,25 +39,26 @@ from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
-from tqdm import tqdm
 
-from edge.build import ALIGNMENT
-from edge.graph import OPSET, DecoderGraph, GraphOptions, WeightPlan
+from edge import report
+from edge.graph.decoder import OPSET, DecoderGraph, GraphOptions
+from edge.graph.plan import WeightPlan
+from qwen_edge import contract
 from qwen_edge.errors import QwenEdgeError
 
 MASK_VALUE = -100.0
 GAIN = 100.0  # bias × GAIN only finds each row's visible maximum
-KEY_LAYOUT = "kv_heads,head_dim,context"  # past/present keys: [1, kv_heads, head_dim, L] / [..., C]
-VALUE_LAYOUT = "kv_heads,context,head_dim"
-GRAPHS = ("prefill", "decode")
+# Model metadata of each graph besides contract.MASK_VALUE_METADATA (informative; the runtime reads the shapes).
+META_GRAPH, META_CHUNK, META_CONTEXT = "qwen_edge.graph", "qwen_edge.chunk", "qwen_edge.context_length"
+META_KEY_LAYOUT, META_VALUE_LAYOUT = "qwen_edge.key_layout", "qwen_edge.value_layout"
 
 
 def io_names(num_layers: int) -> dict[str, list[str]]:
     """Input and output names of both graphs, in graph order."""
     return {
-        "inputs": ["input_ids", "position_ids", "attention_bias"]
-        + [f"past_{kv}_{i}" for i in range(num_layers) for kv in ("key", "value")],
-        "outputs": ["logits"] + [f"present_{kv}_{i}" for i in range(num_layers) for kv in ("key", "value")],
+        "inputs": [contract.INPUT_IDS, contract.POSITION_IDS, contract.ATTENTION_BIAS]
+        + contract.past_names(num_layers, static=True),
+        "outputs": [contract.LOGITS] + contract.present_names(num_layers, static=True),
     }
 
 
@@ -78,8 +79,12 @@ class StaticDecoderGraph(DecoderGraph):
         square of Qwen's outlier activations) no 16-bit quantization can hold. eps (1e-6 against a mean
         square of order one) is left out."""
         size = int(np.prod(self._shape_of_vector(weight_name)))
-        weight = self._lazy(f"{weight_name}.scaled", np.dtype(np.float32), (size,),
-                            lambda: (self.read(weight_name).astype(np.float64) * np.sqrt(size)).astype(np.float32).reshape(-1))
+        weight = self._lazy(
+            f"{weight_name}.scaled",
+            np.dtype(np.float32),
+            (size,),
+            lambda: (self.read(weight_name).astype(np.float64) * np.sqrt(size)).astype(np.float32).reshape(-1),
+        )
         return self._op("Mul", [self._op("LpNormalization", [x], {"axis": -1, "p": 2}), weight])
 
     def _rotary(self, x, cos, sin):
@@ -124,8 +129,9 @@ class StaticDecoderGraph(DecoderGraph):
 
     def _masked(self, scores, bias):
         """Scores shifted so the row's visible maximum is 0 (clamped there), plus the bias."""
-        row_max = self._op("ReduceMax", [self._op("Add", [scores, self._op("Mul", [bias, self._gain])]), self._last],
-                           {"keepdims": 1})
+        row_max = self._op(
+            "ReduceMax", [self._op("Add", [scores, self._op("Mul", [bias, self._gain])]), self._last], {"keepdims": 1}
+        )
         shifted = self._op("Min", [self._op("Sub", [scores, row_max]), self._zero])
         return self._op("Add", [shifted, bias])
 
@@ -133,7 +139,7 @@ class StaticDecoderGraph(DecoderGraph):
         c, n, total = self.cfg, self.chunk, self.opts.context_length + self.chunk
         group = c.num_heads // c.num_kv_heads
         self._halves = self._c("rotary_halves", [c.head_dim // 2] * 2)
-        self._scale = self._c("attention_scale", c.head_dim ** -0.5, np.float32)
+        self._scale = self._c("attention_scale", c.head_dim**-0.5, np.float32)
         self._gain = self._c("mask_gain", GAIN, np.float32)
         self._zero = self._c("mask_ceiling", 0.0, np.float32)
         self._last = self._c("last_axis", [-1])
@@ -146,11 +152,16 @@ class StaticDecoderGraph(DecoderGraph):
         """Describe the static decoder; tensors are read only when the model is saved."""
         c, n, L = self.cfg, self.chunk, self.opts.context_length
         f32, i32 = ir.DataType.FLOAT, ir.DataType.INT32
-        input_ids = ir.val("input_ids", i32, [1, n])
-        position_ids = ir.val("position_ids", i32, [1, n])
-        bias = ir.val("attention_bias", f32, [1, 1, n, L + n])
-        pasts = [(ir.val(f"past_key_{i}", f32, [1, c.num_kv_heads, c.head_dim, L]),
-                  ir.val(f"past_value_{i}", f32, [1, c.num_kv_heads, L, c.head_dim])) for i in range(c.num_layers)]
+        input_ids = ir.val(contract.INPUT_IDS, i32, [1, n])
+        position_ids = ir.val(contract.POSITION_IDS, i32, [1, n])
+        bias = ir.val(contract.ATTENTION_BIAS, f32, [1, 1, n, L + n])
+        pasts = [
+            (
+                ir.val(contract.STATIC_PAST_KEY % i, f32, [1, c.num_kv_heads, c.head_dim, L]),
+                ir.val(contract.STATIC_PAST_VALUE % i, f32, [1, c.num_kv_heads, L, c.head_dim]),
+            )
+            for i in range(c.num_layers)
+        ]
         self._shared_consts()
         cos_cache, sin_cache = self._rotary_caches()
         rot_shape = self._c("rotary_shape", [1, n, 1, c.head_dim // 2])
@@ -161,23 +172,37 @@ class StaticDecoderGraph(DecoderGraph):
         presents = []
         for i in range(c.num_layers):
             layer = f"model.layers.{i}"
-            attn, pk, pv = self._attention_static(i, self._norm(hidden, f"{layer}.input_layernorm.weight"),
-                                                  *pasts[i], bias, cos, sin)
-            pk.name, pv.name = f"present_key_{i}", f"present_value_{i}"
+            attn, pk, pv = self._attention_static(
+                i, self._norm(hidden, f"{layer}.input_layernorm.weight"), *pasts[i], bias, cos, sin
+            )
+            pk.name, pv.name = contract.STATIC_PRESENT_KEY % i, contract.STATIC_PRESENT_VALUE % i
             presents += [pk, pv]
             hidden = self._op("Add", [hidden, attn])
-            hidden = self._op("Add", [hidden, self._mlp(i, self._norm(hidden, f"{layer}.post_attention_layernorm.weight"))])
+            hidden = self._op(
+                "Add", [hidden, self._mlp(i, self._norm(hidden, f"{layer}.post_attention_layernorm.weight"))]
+            )
         logits = self._lm_head(self._norm(hidden, "model.norm.weight"))
-        logits.name = "logits"
+        logits.name = contract.LOGITS
 
         inputs = [input_ids, position_ids, bias, *[v for pair in pasts for v in pair]]
-        graph = ir.Graph(inputs, [logits, *presents], nodes=self.nodes, initializers=self.initializers,
-                         opset_imports={"": OPSET}, name=f"qwen_edge_static_{n}x{L}")
+        graph = ir.Graph(
+            inputs,
+            [logits, *presents],
+            nodes=self.nodes,
+            initializers=self.initializers,
+            opset_imports={"": OPSET},
+            name=f"qwen_edge_static_{n}x{L}",
+        )
         model = ir.Model(graph, ir_version=10, producer_name="qwen-edge")
-        model.metadata_props.update({
-            "qwen_edge.chunk": str(n), "qwen_edge.context_length": str(L), "qwen_edge.mask_value": repr(float(self.mask_value)),
-            "qwen_edge.key_layout": KEY_LAYOUT, "qwen_edge.value_layout": VALUE_LAYOUT,
-        })
+        model.metadata_props.update(
+            {
+                META_CHUNK: str(n),
+                META_CONTEXT: str(L),
+                contract.MASK_VALUE_METADATA: repr(float(self.mask_value)),
+                META_KEY_LAYOUT: contract.STATIC_KEY_LAYOUT,
+                META_VALUE_LAYOUT: contract.STATIC_VALUE_LAYOUT,
+            }
+        )
         return model
 
 
@@ -190,13 +215,17 @@ def check_args(chunk: int, context_length: int, max_position_embeddings: int) ->
     if context_length % chunk:
         raise QwenEdgeError(f"chunk {chunk} must divide context_length {context_length}; e.g. use a power of two")
     if context_length > max_position_embeddings:
-        raise QwenEdgeError(f"context_length {context_length} exceeds the model's {max_position_embeddings} "
-                            "positions; choose a smaller context_length")
+        raise QwenEdgeError(
+            f"context_length {context_length} exceeds the model's {max_position_embeddings} "
+            "positions; choose a smaller context_length"
+        )
 
 
-def export_static(source, out_dir: Path | str, *, chunk: int, context_length: int, mask_value: float = MASK_VALUE,
-                  progress: bool = True) -> dict:
-    """Write prefill.onnx(+.data) and decode.onnx(+.data) for `source` into `out_dir`; return their description.
+def export_static(
+    source, out_dir: Path | str, *, chunk: int, context_length: int, mask_value: float = MASK_VALUE
+) -> dict:
+    """Write the prefill and decode graphs (contract.STATIC_GRAPH_FILES, each with its ``.data`` file) for
+    `source` into `out_dir`; return their description (the manifest's ``static`` block).
 
     The files appear only once both graphs are written completely.
     """
@@ -205,26 +234,41 @@ def export_static(source, out_dir: Path | str, *, chunk: int, context_length: in
     if not -1e4 <= mask_value <= -100:
         raise QwenEdgeError(f"mask_value {mask_value} must be between -10000 and -100 (it is added to masked scores)")
     if cfg.num_heads % cfg.num_kv_heads or cfg.head_dim % 2:
-        raise QwenEdgeError(f"{cfg.num_heads} heads over {cfg.num_kv_heads} KV heads of dim {cfg.head_dim} "
-                            "cannot be grouped; this model is not a supported Qwen decoder")
+        raise QwenEdgeError(
+            f"{cfg.num_heads} heads over {cfg.num_kv_heads} KV heads of dim {cfg.head_dim} "
+            "cannot be grouped; this model is not a supported Qwen decoder"
+        )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    files = {name: f"{name}.onnx" for name in GRAPHS}
+    files = contract.STATIC_GRAPH_FILES
+    prefill, decode = contract.STATIC_GRAPHS
+    reporter = report.current()
     with tempfile.TemporaryDirectory(prefix=".static-", dir=out_dir) as tmp:
-        for name, n in (("prefill", chunk), ("decode", 1)):
-            model = StaticDecoderGraph(cfg, source.tensor, chunk=n, context_length=context_length,
-                                       mask_value=mask_value).build()
-            model.metadata_props["qwen_edge.graph"] = name
-            bar = tqdm(total=len(model.graph.initializers), desc=f"export {name}", unit="tensor", disable=not progress)
+        for name, n in ((prefill, chunk), (decode, 1)):
+            model = StaticDecoderGraph(
+                cfg, source.tensor, chunk=n, context_length=context_length, mask_value=mask_value
+            ).build()
+            model.metadata_props[META_GRAPH] = name
+            bar = reporter.bar(total=len(model.graph.initializers), desc=f"export {name}", unit="tensor")
             try:
-                ir.save(model, Path(tmp) / files[name], external_data=files[name] + ".data",
-                        callback=lambda tensor, info: bar.update(1), alignment=ALIGNMENT)
+                ir.save(
+                    model,
+                    Path(tmp) / files[name],
+                    external_data=files[name] + ".data",
+                    callback=lambda tensor, info: bar.update(1),
+                    alignment=contract.ALIGNMENT,
+                )
             finally:
                 bar.close()
-        for name in GRAPHS:
+        for name in contract.STATIC_GRAPHS:
             for f in (files[name], files[name] + ".data"):
                 shutil.move(str(Path(tmp) / f), out_dir / f)
     return {
-        "prefill": files["prefill"], "decode": files["decode"], "chunk": chunk, "context_length": context_length,
-        "mask_value": float(mask_value), "key_layout": KEY_LAYOUT, "value_layout": VALUE_LAYOUT, **io_names(cfg.num_layers),
+        **{name: files[name] for name in contract.STATIC_GRAPHS},
+        "chunk": chunk,
+        "context_length": context_length,
+        "mask_value": float(mask_value),
+        "key_layout": contract.STATIC_KEY_LAYOUT,
+        "value_layout": contract.STATIC_VALUE_LAYOUT,
+        **io_names(cfg.num_layers),
     }

@@ -1,4 +1,4 @@
-"""Emit the Qwen2/Qwen3 decoder as an ONNX graph for ONNX Runtime's CPU contrib kernels.
+"""Emit the Qwen2/Qwen3 decoder as an ONNX graph for ONNX Runtime's CPU contrib kernels, and write it.
 
 The graph is described once with onnx-ir; every weight is a lazy tensor that reads, and if
 asked quantizes, one source tensor only when the model is written, so peak memory stays near
@@ -11,15 +11,19 @@ shared past/present KV buffer), plus the optional ``num_logits_to_keep`` input.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
+from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
 
+from edge import report
 from edge.config import QwenConfig
-from edge.quantize import BlockQuantized, QuantSpec, quantize
-from edge.sources import row_blocks
+from edge.graph.plan import WeightPlan
+from edge.quantize.blockwise import BlockQuantized, QuantSpec, quantize
+from edge.sources.base import row_blocks
+from qwen_edge import contract
 from qwen_edge.errors import QwenEdgeError
 
 MS = "com.microsoft"
@@ -28,31 +32,6 @@ INT64_MAX = np.iinfo(np.int64).max
 # A quantized lm_head is emitted as row slices of at most this many rows, concatenated: onnxruntime
 # repacks each MatMulNBits weight at load, and one 150k-row matrix would briefly exist twice.
 LM_HEAD_SLICE_ROWS = 32768
-
-
-@dataclass(frozen=True)
-class WeightPlan:
-    """How each kind of weight is stored: a QuantSpec, or "fp32" / "fp16" for float storage."""
-
-    linear: QuantSpec | str
-    embedding: QuantSpec | str
-    lm_head: QuantSpec | str
-    overrides: tuple[tuple[str, QuantSpec | str], ...] = ()  # (HF weight name, storage) for mixed precision
-    lm_head_int8_rows: int = 0  # the first rows of a quantized lm_head kept in int8 (see DecoderGraph._lm_head)
-
-    def lm_head_shares_embedding(self, tied: bool) -> bool:
-        """Whether a tied model's lm_head reuses the embedding table's quantized blobs (one copy)."""
-        return (tied and not isinstance(self.lm_head, str) and self.lm_head == self.embedding
-                and not self.lm_head_int8_rows)
-
-    def for_linear(self, names: list[str]) -> QuantSpec | str:
-        """Storage of a (possibly packed) linear: the most precise storage any of its parts asks for."""
-        chosen = dict(self.overrides)
-        return max((chosen.get(n, self.linear) for n in names), key=_precision_rank)
-
-
-def _precision_rank(storage: QuantSpec | str) -> int:
-    return {"fp32": 32, "fp16": 16}[storage] if isinstance(storage, str) else storage.bits
 
 
 @dataclass(frozen=True)
@@ -87,8 +66,14 @@ class _Memo:
 class DecoderGraph:
     """Builds the ONNX decoder for one QwenConfig from a tensor reader (HF names → fp32 arrays)."""
 
-    def __init__(self, config: QwenConfig, read: TensorReader, plan: WeightPlan, options: GraphOptions,
-                 quantized: Callable[[str], BlockQuantized | None] | None = None):
+    def __init__(
+        self,
+        config: QwenConfig,
+        read: TensorReader,
+        plan: WeightPlan,
+        options: GraphOptions,
+        quantized: Callable[[str], BlockQuantized | None] | None = None,
+    ):
         """`quantized(key)` may supply the blobs of a packed linear (e.g. from calibrated GPTQ) by graph key."""
         self.cfg = config
         self.read = read
@@ -111,8 +96,12 @@ class DecoderGraph:
         return node.outputs[0] if outputs == 1 else node.outputs
 
     def _const(self, name: str, array: np.ndarray) -> ir.Value:
-        value = ir.Value(name=name, type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                         shape=ir.Shape(array.shape), const_value=ir.tensor(array, name=name))
+        value = ir.Value(
+            name=name,
+            type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+            shape=ir.Shape(array.shape),
+            const_value=ir.tensor(array, name=name),
+        )
         self.initializers.append(value)
         return value
 
@@ -135,13 +124,27 @@ class DecoderGraph:
     def _float_weight(self, key: str, names: list[str], n: int, k: int, storage: str) -> ir.Value:
         """A [K, N] MatMul weight stored as fp32, or fp16 cast back to fp32 at load."""
         dtype = np.float32 if storage == "fp32" else np.float16
-        w = self._lazy(f"{key}.weight_t", np.dtype(dtype), (k, n),
-                       lambda: np.ascontiguousarray(self._read_rows(names).T).astype(dtype))
+        w = self._lazy(
+            f"{key}.weight_t",
+            np.dtype(dtype),
+            (k, n),
+            lambda: np.ascontiguousarray(self._read_rows(names).T).astype(dtype),
+        )
         return w if storage == "fp32" else self._op("Cast", [w], {"to": ir.DataType.FLOAT})
 
-    def _quantized(self, key: str, names: list[str], n: int, k: int, spec: QuantSpec,
-                   gather: bool = False, matmul: bool = True, scales_dtype=np.float32,
-                   rows: slice | None = None, calibrated: str | None = None) -> dict[str, ir.Value | None]:
+    def _quantized(
+        self,
+        key: str,
+        names: list[str],
+        n: int,
+        k: int,
+        spec: QuantSpec,
+        gather: bool = False,
+        matmul: bool = True,
+        scales_dtype=np.float32,
+        rows: slice | None = None,
+        calibrated: str | None = None,
+    ) -> dict[str, ir.Value | None]:
         """Lazy blobs for the rows of `names`: packed weights and scales, plus zero points in the
         MatMulNBits layout (`zp`, [N, ceil(kb*bits/8)]) and/or the GatherBlockQuantized one
         (`gather_zp`, [N, kb, 1], one value per byte), computed once whichever is written first.
@@ -172,13 +175,20 @@ class DecoderGraph:
         def getter(which):
             return lambda: self.memo.part(key, parts, compute, which)
 
-        out = {"packed": self._lazy(f"{key}.qweight", np.dtype(np.uint8), (n, kb, blob), getter("packed")),
-               "scales": self._lazy(f"{key}.scales", np.dtype(scales_dtype), (n, kb), getter("scales")),
-               "zp": None, "gather_zp": None}
+        out = {
+            "packed": self._lazy(f"{key}.qweight", np.dtype(np.uint8), (n, kb, blob), getter("packed")),
+            "scales": self._lazy(f"{key}.scales", np.dtype(scales_dtype), (n, kb), getter("scales")),
+            "zp": None,
+            "gather_zp": None,
+        }
         if "zp" in parts:
-            out["zp"] = self._lazy(f"{key}.zero_points", np.dtype(np.uint8), (n, -(-kb * spec.bits // 8)), getter("zp"))
+            out["zp"] = self._lazy(
+                f"{key}.zero_points", np.dtype(np.uint8), (n, -(-kb * spec.bits // 8)), getter("zp")
+            )
         if "gather_zp" in parts:
-            out["gather_zp"] = self._lazy(f"{key}.gather_zero_points", np.dtype(np.uint8), (n, kb, 1), getter("gather_zp"))
+            out["gather_zp"] = self._lazy(
+                f"{key}.gather_zero_points", np.dtype(np.uint8), (n, kb, 1), getter("gather_zp")
+            )
         return out
 
     def _read_quantized(self, names: list[str], n: int, spec: QuantSpec, rows: slice | None = None) -> BlockQuantized:
@@ -187,19 +197,40 @@ class DecoderGraph:
         if len(names) > 1:
             return quantize(self._read_rows(names), spec)
         start = rows.start if rows is not None else 0
-        return BlockQuantized.concat([quantize(block, spec)
-                                      for _, block in row_blocks(self.read, names[0], start + n, start=start)])
+        return BlockQuantized.concat(
+            [quantize(block, spec) for _, block in row_blocks(self.read, names[0], start + n, start=start)]
+        )
 
-    def _linear(self, x: ir.Value, key: str, names: list[str], n: int, k: int, storage, bias: ir.Value | None = None,
-                rows: slice | None = None, calibrated: str | None = None):
+    def _linear(
+        self,
+        x: ir.Value,
+        key: str,
+        names: list[str],
+        n: int,
+        k: int,
+        storage,
+        bias: ir.Value | None = None,
+        rows: slice | None = None,
+        calibrated: str | None = None,
+    ):
         if isinstance(storage, str):
             y = self._op("MatMul", [x, self._float_weight(key, names, n, k, storage)])
             return self._op("Add", [y, bias]) if bias is not None else y
         q = self._quantized(key, names, n, k, storage, rows=rows, calibrated=calibrated)
-        attrs = {"K": k, "N": n, "bits": storage.bits, "block_size": storage.block_size,
-                 "accuracy_level": self.opts.accuracy_level}
-        return self._op("MatMulNBits", [x, q["packed"], q["scales"], q["zp"], None, bias], attrs, domain=MS,
-                        name=f"/{key}/MatMulNBits")
+        attrs = {
+            "K": k,
+            "N": n,
+            "bits": storage.bits,
+            "block_size": storage.block_size,
+            "accuracy_level": self.opts.accuracy_level,
+        }
+        return self._op(
+            "MatMulNBits",
+            [x, q["packed"], q["scales"], q["zp"], None, bias],
+            attrs,
+            domain=MS,
+            name=f"/{key}/MatMulNBits",
+        )
 
     def _vector(self, name: str) -> ir.Value:
         size = int(np.prod(self._shape_of_vector(name)))
@@ -222,17 +253,28 @@ class DecoderGraph:
         name = "model.embed_tokens.weight"
         if isinstance(storage, str):
             dtype = np.float32 if storage == "fp32" else np.float16
-            table = self._lazy(name, np.dtype(dtype), (c.vocab_size, c.hidden_size),
-                               lambda: self.read(name).astype(dtype))
+            table = self._lazy(
+                name, np.dtype(dtype), (c.vocab_size, c.hidden_size), lambda: self.read(name).astype(dtype)
+            )
             x = self._op("Gather", [table, input_ids], {"axis": 0})
             return x if storage == "fp32" else self._op("Cast", [x], {"to": ir.DataType.FLOAT})
         if c.hidden_size % storage.block_size:
-            raise QwenEdgeError(f"hidden size {c.hidden_size} is not a multiple of block_size {storage.block_size}; "
-                                "choose a smaller block_size in the recipe")
+            raise QwenEdgeError(
+                f"hidden size {c.hidden_size} is not a multiple of block_size {storage.block_size}; "
+                "choose a smaller block_size in the recipe"
+            )
         shared = self.plan.lm_head_shares_embedding(self.cfg.tie_word_embeddings)
         # A table of its own keeps float16 scales (half their bytes); lm_head's MatMulNBits needs float32.
-        q = self._quantized("model.embed_tokens", [name], c.vocab_size, c.hidden_size, storage,
-                            gather=True, matmul=shared, scales_dtype=np.float32 if shared else np.float16)
+        q = self._quantized(
+            "model.embed_tokens",
+            [name],
+            c.vocab_size,
+            c.hidden_size,
+            storage,
+            gather=True,
+            matmul=shared,
+            scales_dtype=np.float32 if shared else np.float16,
+        )
         self._embed_blobs = q
         # The packed rows [vocab, blocks, bytes] serve as they are: each block is quantized along the last axis.
         scales = self._op("Unsqueeze", [q["scales"], self._const("last_axis", np.array([-1], np.int64))])
@@ -242,19 +284,32 @@ class DecoderGraph:
         return x if shared else self._op("Cast", [x], {"to": ir.DataType.FLOAT})
 
     def _norm(self, x, weight_name: str):
-        return self._op("SimplifiedLayerNormalization", [x, self._vector(weight_name)],
-                        {"axis": -1, "epsilon": self.cfg.rms_norm_eps, "stash_type": 1})
+        return self._op(
+            "SimplifiedLayerNormalization",
+            [x, self._vector(weight_name)],
+            {"axis": -1, "epsilon": self.cfg.rms_norm_eps, "stash_type": 1},
+        )
 
     def _skip_norm(self, x, residual, weight_name: str):
-        out = self._op("SkipSimplifiedLayerNormalization", [x, residual, self._vector(weight_name)],
-                       {"epsilon": self.cfg.rms_norm_eps}, domain=MS, outputs=4)
+        out = self._op(
+            "SkipSimplifiedLayerNormalization",
+            [x, residual, self._vector(weight_name)],
+            {"epsilon": self.cfg.rms_norm_eps},
+            domain=MS,
+            outputs=4,
+        )
         return out[0], out[3]
 
     def _head_norm(self, x, heads: int, weight_name: str):
         c = self.cfg
-        split = self._op("Reshape", [x, self._const(f"{weight_name}.heads_shape", np.array([0, 0, heads, c.head_dim], np.int64))])
+        split = self._op(
+            "Reshape", [x, self._const(f"{weight_name}.heads_shape", np.array([0, 0, heads, c.head_dim], np.int64))]
+        )
         normed = self._norm(split, weight_name)
-        return self._op("Reshape", [normed, self._const(f"{weight_name}.merge_shape", np.array([0, 0, heads * c.head_dim], np.int64))])
+        return self._op(
+            "Reshape",
+            [normed, self._const(f"{weight_name}.merge_shape", np.array([0, 0, heads * c.head_dim], np.int64))],
+        )
 
     def _attention(self, i: int, x, past_k, past_v, seqlens_k, total_len, cos, sin):
         c = self.cfg
@@ -264,22 +319,41 @@ class DecoderGraph:
         storage = self.plan.for_linear(names)
         bias = None
         if c.attention_bias:
-            bias = self._lazy(f"{p}.qkv_proj.bias", np.dtype(np.float32), (q_n + 2 * kv_n,),
-                              lambda: np.concatenate([self.read(f"{p}.{w}_proj.bias") for w in "qkv"]).astype(np.float32))
+            bias = self._lazy(
+                f"{p}.qkv_proj.bias",
+                np.dtype(np.float32),
+                (q_n + 2 * kv_n,),
+                lambda: np.concatenate([self.read(f"{p}.{w}_proj.bias") for w in "qkv"]).astype(np.float32),
+            )
         qkv = self._linear(x, f"{p}.qkv_proj", names, q_n + 2 * kv_n, c.hidden_size, storage, bias)
         if c.qk_norm:
-            q, k, v = self._op("Split", [qkv, self._const(f"{p}.qkv_split", np.array([q_n, kv_n, kv_n], np.int64))],
-                               {"axis": -1}, outputs=3)
+            q, k, v = self._op(
+                "Split",
+                [qkv, self._const(f"{p}.qkv_split", np.array([q_n, kv_n, kv_n], np.int64))],
+                {"axis": -1},
+                outputs=3,
+            )
             q = self._head_norm(q, c.num_heads, f"{p}.q_norm.weight")
             k = self._head_norm(k, c.num_kv_heads, f"{p}.k_norm.weight")
             gqa_in = [q, k, v]
         else:
             gqa_in = [qkv, None, None]
-        attrs = {"num_heads": c.num_heads, "kv_num_heads": c.num_kv_heads, "do_rotary": 1,
-                 "rotary_interleaved": 0, "local_window_size": -1, "scale": float(c.head_dim) ** -0.5}
+        attrs = {
+            "num_heads": c.num_heads,
+            "kv_num_heads": c.num_kv_heads,
+            "do_rotary": 1,
+            "rotary_interleaved": 0,
+            "local_window_size": -1,
+            "scale": float(c.head_dim) ** -0.5,
+        }
         out, present_k, present_v = self._op(
-            "GroupQueryAttention", [*gqa_in, past_k, past_v, seqlens_k, total_len, cos, sin], attrs,
-            domain=MS, outputs=3, name=f"/model/layers.{i}/attn/GroupQueryAttention")
+            "GroupQueryAttention",
+            [*gqa_in, past_k, past_v, seqlens_k, total_len, cos, sin],
+            attrs,
+            domain=MS,
+            outputs=3,
+            name=f"/model/layers.{i}/attn/GroupQueryAttention",
+        )
         o_name = f"{p}.o_proj.weight"
         y = self._linear(out, f"{p}.o_proj", [o_name], c.hidden_size, q_n, self.plan.for_linear([o_name]))
         return y, present_k, present_v
@@ -288,30 +362,50 @@ class DecoderGraph:
         c = self.cfg
         p = f"model.layers.{i}.mlp"
         gate_up_names = [f"{p}.gate_proj.weight", f"{p}.up_proj.weight"]
-        gate_up = self._linear(x, f"{p}.gate_up_proj", gate_up_names, 2 * c.intermediate_size, c.hidden_size,
-                               self.plan.for_linear(gate_up_names))
-        gate, up = self._op("Split", [gate_up, self._const(f"{p}.gate_up_split", np.array([c.intermediate_size] * 2, np.int64))],
-                            {"axis": -1}, outputs=2)
+        gate_up = self._linear(
+            x,
+            f"{p}.gate_up_proj",
+            gate_up_names,
+            2 * c.intermediate_size,
+            c.hidden_size,
+            self.plan.for_linear(gate_up_names),
+        )
+        gate, up = self._op(
+            "Split",
+            [gate_up, self._const(f"{p}.gate_up_split", np.array([c.intermediate_size] * 2, np.int64))],
+            {"axis": -1},
+            outputs=2,
+        )
         act = self._op("Mul", [self._op("Mul", [gate, self._op("Sigmoid", [gate])]), up])
         down = f"{p}.down_proj.weight"
-        return self._linear(act, f"{p}.down_proj", [down], c.hidden_size, c.intermediate_size, self.plan.for_linear([down]))
+        return self._linear(
+            act, f"{p}.down_proj", [down], c.hidden_size, c.intermediate_size, self.plan.for_linear([down])
+        )
 
     def _rotary_caches(self) -> tuple[ir.Value, ir.Value]:
         c = self.cfg
         inv_freq = 1.0 / (c.rope_theta ** (np.arange(0, c.head_dim, 2, dtype=np.float64) / c.head_dim))
         angles = np.outer(np.arange(self.opts.context_length, dtype=np.float64), inv_freq)
-        return (self._const("cos_cache", np.cos(angles).astype(np.float32)),
-                self._const("sin_cache", np.sin(angles).astype(np.float32)))
+        return (
+            self._const("cos_cache", np.cos(angles).astype(np.float32)),
+            self._const("sin_cache", np.sin(angles).astype(np.float32)),
+        )
 
     def _lm_head(self, x):
         c = self.cfg
         storage = self.plan.lm_head
         if self.plan.lm_head_shares_embedding(self.cfg.tie_word_embeddings):
             q = self._embed_blobs  # one copy of the packed weights, shared with the embedding
-            attrs = {"K": c.hidden_size, "N": c.vocab_size, "bits": storage.bits, "block_size": storage.block_size,
-                     "accuracy_level": self.opts.accuracy_level}
-            return self._op("MatMulNBits", [x, q["packed"], q["scales"], q["zp"]], attrs, domain=MS,
-                            name="/lm_head/MatMulNBits")
+            attrs = {
+                "K": c.hidden_size,
+                "N": c.vocab_size,
+                "bits": storage.bits,
+                "block_size": storage.block_size,
+                "accuracy_level": self.opts.accuracy_level,
+            }
+            return self._op(
+                "MatMulNBits", [x, q["packed"], q["scales"], q["zp"]], attrs, domain=MS, name="/lm_head/MatMulNBits"
+            )
         name = "model.embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight"
         if isinstance(storage, str):
             return self._linear(x, "lm_head", [name], c.vocab_size, c.hidden_size, storage)
@@ -332,9 +426,19 @@ class DecoderGraph:
         int8 = QuantSpec(8, storage.block_size, symmetric=True)  # near-lossless; no zero points
         slices = ([(0, head, int8)] if head else []) + [(a, b, storage) for a, b in zip(bounds, bounds[1:])]
         # calibrated lm_head blobs (GPTQ) hold every row at `storage`: the int8 rows come from the source
-        logits = [self._linear(x, "lm_head" if len(slices) == 1 else f"lm_head.{i}", [name], b - a, c.hidden_size,
-                               spec, rows=slice(a, b), calibrated="lm_head" if spec is storage else None)
-                  for i, (a, b, spec) in enumerate(slices)]
+        logits = [
+            self._linear(
+                x,
+                "lm_head" if len(slices) == 1 else f"lm_head.{i}",
+                [name],
+                b - a,
+                c.hidden_size,
+                spec,
+                rows=slice(a, b),
+                calibrated="lm_head" if spec is storage else None,
+            )
+            for i, (a, b, spec) in enumerate(slices)
+        ]
         return logits[0] if len(logits) == 1 else self._op("Concat", logits, {"axis": -1}, name="/lm_head/Concat")
 
     # ----- the whole model -----------------------------------------------------------------
@@ -342,17 +446,26 @@ class DecoderGraph:
         """Describe the full decoder; tensors are read only when the model is saved."""
         c = self.cfg
         f32, i64 = ir.DataType.FLOAT, ir.DataType.INT64
-        input_ids = ir.val("input_ids", i64, ["batch_size", "sequence_length"])
-        mask = ir.val("attention_mask", i64, ["batch_size", "total_sequence_length"])
+        input_ids = ir.val(contract.INPUT_IDS, i64, ["batch_size", "sequence_length"])
+        mask = ir.val(contract.ATTENTION_MASK, i64, ["batch_size", "total_sequence_length"])
         kv_shape = ["batch_size", c.num_kv_heads, "past_sequence_length", c.head_dim]
-        pasts = [(ir.val(f"past_key_values.{i}.key", f32, kv_shape), ir.val(f"past_key_values.{i}.value", f32, kv_shape))
-                 for i in range(c.num_layers)]
-        keep = self._const("num_logits_to_keep", np.array(0, np.int64))
+        pasts = [
+            (ir.val(contract.PAST_KEY % i, f32, kv_shape), ir.val(contract.PAST_VALUE % i, f32, kv_shape))
+            for i in range(c.num_layers)
+        ]
+        keep = self._const(contract.LOGITS_TO_KEEP, np.array(0, np.int64))
 
-        seqlens = self._op("Sub", [self._op("ReduceSum", [mask, self._const("reduce_axis", np.array([1], np.int64))], {"keepdims": 0}),
-                                   self._const("one", np.array(1, np.int64))])
+        seqlens = self._op(
+            "Sub",
+            [
+                self._op("ReduceSum", [mask, self._const("reduce_axis", np.array([1], np.int64))], {"keepdims": 0}),
+                self._const("one", np.array(1, np.int64)),
+            ],
+        )
         seqlens_k = self._op("Cast", [seqlens], {"to": ir.DataType.INT32})
-        total = self._op("Gather", [self._op("Shape", [mask]), self._const("one_index", np.array(1, np.int64))], {"axis": 0})
+        total = self._op(
+            "Gather", [self._op("Shape", [mask]), self._const("one_index", np.array(1, np.int64))], {"axis": 0}
+        )
         total_len = self._op("Cast", [total], {"to": ir.DataType.INT32})
         cos, sin = self._rotary_caches()
 
@@ -362,7 +475,7 @@ class DecoderGraph:
         x = self._norm(hidden, "model.layers.0.input_layernorm.weight")
         for i in range(c.num_layers):
             attn, pk, pv = self._attention(i, x, *pasts[i], seqlens_k, total_len, cos, sin)
-            pk.name, pv.name = f"present.{i}.key", f"present.{i}.value"
+            pk.name, pv.name = contract.PRESENT_KEY % i, contract.PRESENT_VALUE % i
             presents += [pk, pv]
             x, residual = self._skip_norm(attn, residual, f"model.layers.{i}.post_attention_layernorm.weight")
             mlp = self._mlp(i, x)
@@ -370,12 +483,19 @@ class DecoderGraph:
             x, residual = self._skip_norm(mlp, residual, next_norm)
 
         starts = self._op("Unsqueeze", [self._op("Neg", [keep]), self._const("zero_axis", np.array([0], np.int64))])
-        kept = self._op("Slice", [x, starts, self._const("slice_end", np.array([INT64_MAX], np.int64)),
-                                  self._const("seq_axis", np.array([1], np.int64))])
+        kept = self._op(
+            "Slice",
+            [
+                x,
+                starts,
+                self._const("slice_end", np.array([INT64_MAX], np.int64)),
+                self._const("seq_axis", np.array([1], np.int64)),
+            ],
+        )
         logits = self._lm_head(kept)
-        logits.name = "logits"
+        logits.name = contract.LOGITS
 
-        keep_input = ir.val("num_logits_to_keep", i64, [])
+        keep_input = ir.val(contract.LOGITS_TO_KEEP, i64, [])
         # The input and the initializer share one Value: the initializer is its default.
         self.initializers.remove(keep)
         keep_input.const_value = keep.const_value
@@ -384,6 +504,35 @@ class DecoderGraph:
         self.initializers.append(keep_input)
 
         inputs = [input_ids, mask, *[v for pair in pasts for v in pair], keep_input]
-        graph = ir.Graph(inputs, [logits, *presents], nodes=self.nodes, initializers=self.initializers,
-                         opset_imports={"": OPSET, MS: 1}, name="qwen_edge_decoder")
+        graph = ir.Graph(
+            inputs,
+            [logits, *presents],
+            nodes=self.nodes,
+            initializers=self.initializers,
+            opset_imports={"": OPSET, MS: 1},
+            name="qwen_edge_decoder",
+        )
         return ir.Model(graph, ir_version=10, producer_name="qwen-edge")
+
+
+def export(source, out_dir: Path, plan: WeightPlan, options: GraphOptions, quantized=None) -> None:
+    """Write the decoder of `source` into `out_dir` as the artifact's graph file and its external data
+    file (contract.MODEL_FILE, contract.MODEL_DATA_FILE, aligned for memory mapping), then its tokenizer files.
+
+    `quantized(key)` may supply precomputed blobs for packed linears (see DecoderGraph).
+    """
+    reporter = report.current()
+    graph = DecoderGraph(source.config, source.tensor, plan, options, quantized=quantized).build()
+    bar = reporter.bar(total=len(graph.graph.initializers), desc="export+quantize", unit="tensor")
+    try:
+        ir.save(
+            graph,
+            Path(out_dir) / contract.MODEL_FILE,
+            external_data=contract.MODEL_DATA_FILE,
+            callback=lambda tensor, info: bar.update(1),
+            alignment=contract.ALIGNMENT,
+        )
+    finally:
+        bar.close()
+    reporter.status("writing the tokenizer")
+    source.write_tokenizer(out_dir)

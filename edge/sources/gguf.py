@@ -13,9 +13,15 @@ from pathlib import Path
 
 import numpy as np
 
+from edge.artifact.licenses import LicenseFacts
 from edge.config import SUPPORTED_TEXT, QwenConfig, UnsupportedModelError
-from edge.licenses import LicenseFacts
-from edge.sources import Source, SourceError, hf_config_dict, hf_tensor_shapes, save_tokenizer
+from edge.sources.base import (
+    Source,
+    SourceError,
+    hf_config_dict,
+    hf_tensor_shapes,
+    save_tokenizer,
+)
 
 GGUF_MAGIC = b"GGUF"
 ROW_CHUNK = 4096
@@ -38,8 +44,8 @@ class GGUFSource(Source):
 
     kind = "gguf"
 
-    def __init__(self, path: Path, spec: str, cache_dir=None, progress=True):
-        super().__init__(spec, cache_dir, progress)
+    def __init__(self, path: Path, spec: str, cache_dir=None):
+        super().__init__(spec, cache_dir)
         import gguf
 
         self.path = Path(path)
@@ -57,8 +63,9 @@ class GGUFSource(Source):
             )
         self._tensors = {t.name: t for t in self._reader.tensors}
         self.config = QwenConfig.from_hf(self._hf_like_config(arch))
-        names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2 if arch == "qwen2" else gguf.MODEL_ARCH.QWEN3,
-                                         self.config.num_layers)
+        names = gguf.get_tensor_name_map(
+            gguf.MODEL_ARCH.QWEN2 if arch == "qwen2" else gguf.MODEL_ARCH.QWEN3, self.config.num_layers
+        )
         self._gguf_name = {}
         for hf_name in hf_tensor_shapes(self.config):
             gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
@@ -67,7 +74,9 @@ class GGUFSource(Source):
         self._shapes = hf_tensor_shapes(self.config)
         missing = [n for n in self._shapes if n not in self._gguf_name and n != "lm_head.weight"]
         if missing:
-            raise SourceError(f"{spec} lacks tensors the config requires: {', '.join(missing[:3])}; the file is incomplete")
+            raise SourceError(
+                f"{spec} lacks tensors the config requires: {', '.join(missing[:3])}; the file is incomplete"
+            )
         base, size, tune = (self._field(f"general.{k}") for k in ("basename", "size_label", "finetune"))
         names = (self._field("general.name"), "-".join(p for p in (base, size, tune) if p) if base and size else None)
         self._license = LicenseFacts(self._field("general.license"), None, tuple(n for n in names if n))
@@ -87,7 +96,9 @@ class GGUFSource(Source):
 
         tokens = self._reader.get_field("tokenizer.ggml.tokens")
         if tokens is None:
-            raise SourceError(f"{self.spec}: GGUF has no tokenizer (tokenizer.ggml.tokens); use a GGUF with its vocabulary")
+            raise SourceError(
+                f"{self.spec}: GGUF has no tokenizer (tokenizer.ggml.tokens); use a GGUF with its vocabulary"
+            )
         hidden, heads = int(need("embedding_length")), int(need("attention.head_count"))
         eos = self._field("tokenizer.ggml.eos_token_id")
         scaling = self._field(f"{arch}.rope.scaling.type")
@@ -133,12 +144,16 @@ class GGUFSource(Source):
         shape = self._shapes[name]
         stored = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dimensions innermost first
         if stored != shape:
-            raise SourceError(f"{self.spec}: tensor {t.name} has shape {stored}, expected {shape}; the file is inconsistent")
+            raise SourceError(
+                f"{self.spec}: tensor {t.name} has shape {stored}, expected {shape}; the file is inconsistent"
+            )
         start, stop, _ = (rows or slice(None)).indices(shape[0])
         out = np.empty((max(stop - start, 0), *shape[1:]), np.float32)
         for i in range(start, stop, ROW_CHUNK):  # bounded temporaries for 150k-row embeddings
             end = min(i + ROW_CHUNK, stop)
-            out[i - start:end - start] = dequantize(t.data[i:end], t.tensor_type).reshape(out[i - start:end - start].shape)
+            out[i - start : end - start] = dequantize(t.data[i:end], t.tensor_type).reshape(
+                out[i - start : end - start].shape
+            )
         # Drop the file pages just read from this process's resident set (they stay in the page cache).
         self._reader.data._mmap.madvise(mmap.MADV_DONTNEED)
         return out

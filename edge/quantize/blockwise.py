@@ -82,14 +82,22 @@ class BlockQuantized:
         """One matrix from row blocks quantized alike (rows are quantized independently)."""
         first = parts[0]
         zp = None if first.zero_points is None else np.concatenate([p.zero_points for p in parts])
-        return BlockQuantized(np.concatenate([p.packed for p in parts]), np.concatenate([p.scales for p in parts]),
-                              zp, first.bits, first.block_size, sum(p.n for p in parts), first.k)
+        return BlockQuantized(
+            np.concatenate([p.packed for p in parts]),
+            np.concatenate([p.scales for p in parts]),
+            zp,
+            first.bits,
+            first.block_size,
+            sum(p.n for p in parts),
+            first.k,
+        )
 
     def rows(self, start: int, stop: int) -> "BlockQuantized":
         """The blobs of rows [start, stop) (rows are quantized independently)."""
         zp = None if self.zero_points is None else self.zero_points[start:stop]
-        return BlockQuantized(self.packed[start:stop], self.scales[start:stop], zp, self.bits, self.block_size,
-                              stop - start, self.k)
+        return BlockQuantized(
+            self.packed[start:stop], self.scales[start:stop], zp, self.bits, self.block_size, stop - start, self.k
+        )
 
 
 def unpack(packed: np.ndarray, bits: int) -> np.ndarray:
@@ -114,8 +122,10 @@ def pack(values: np.ndarray, bits: int) -> np.ndarray:
 def quantize(weight: np.ndarray, spec: QuantSpec) -> BlockQuantized:
     """Quantize a float [N, K] matrix block-wise along K, in row chunks."""
     n, k = weight.shape
-    parts = [_quantize_rows(np.ascontiguousarray(weight[i : i + ROW_CHUNK], np.float32), spec)
-             for i in range(0, n, ROW_CHUNK)]
+    parts = [
+        _quantize_rows(np.ascontiguousarray(weight[i : i + ROW_CHUNK], np.float32), spec)
+        for i in range(0, n, ROW_CHUNK)
+    ]
     zps = [p[2] for p in parts]
     return BlockQuantized(
         packed=np.concatenate([p[0] for p in parts]),

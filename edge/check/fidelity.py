@@ -1,25 +1,23 @@
 """How close an artifact stays to its fp32 transformers reference: top-1 agreement, mean KL, perplexity.
 
-The artifact runs once per text as a single prefill over the whole text (zero-length past,
-``num_logits_to_keep`` 0 so every position has logits); the reference is a transformers CausalLM in
-fp32. The shipped evaluation texts (English prose, Python, Chinese, French) and chat prompts live in
+The artifact runs as the runtime runs it (qwen_edge's Generator over the artifact's own runner:
+prefill from an empty cache with logits at every position); the reference is a transformers
+CausalLM in fp32. The shipped evaluation texts (English prose, Python, Chinese, French) and chat prompts live in
 ``edge/data/eval``.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
-from tqdm import tqdm
 
+from edge import DATA_DIR, report
 from qwen_edge.errors import QwenEdgeError
 
-EVAL_DIR = Path(__file__).resolve().parent / "data" / "eval"
+EVAL_DIR = DATA_DIR / "eval"
 _CHUNK = 32  # positions per float64 block, to bound memory with a 150k vocabulary
-_ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 # token ids -> logits [n, vocab] float32 at every position: how an artifact is scored
 LogitsFn = Callable[[Sequence[int]], np.ndarray]
 
@@ -48,56 +46,26 @@ def reference_logits(model, token_ids: Sequence[int]) -> np.ndarray:
         return out.logits[0].float().numpy()
 
 
-def open_session(artifact_dir: Path | str):
-    """A CPU InferenceSession over the artifact's ``model.onnx`` (the runtime's own session factory)."""
-    from qwen_edge.session import create_session
+def scorer(artifact) -> LogitsFn:
+    """Logits at every position of token ids, from the artifact as the runtime runs it: its profile's
+    session, its KV-cache layout (shared, growing or static graphs), prefill in chunks."""
+    from qwen_edge.generator import Generator
 
-    path = Path(artifact_dir) / "model.onnx"
-    if not path.is_file():
-        raise FidelityError(f"{path} does not exist; build the artifact first")
-    return create_session(path, {"execution_provider": "cpu"})
+    return Generator(artifact).logits
 
 
-def artifact_logits(artifact, token_ids: Sequence[int], logits_to_keep: int = 0) -> np.ndarray:
-    """Logits ``[n, vocab]`` (float32) of the ONNX artifact in one prefill over ``token_ids``.
-
-    ``artifact`` is an artifact directory or a session from ``open_session``. Every past input is
-    fed with zero length and the attention mask is all ones; ``logits_to_keep`` 0 returns every
-    position, 1 the last one only (ignored when the graph has no ``num_logits_to_keep`` input).
-    """
-    session = open_session(artifact) if isinstance(artifact, (str, Path)) else artifact
-    n = len(token_ids)
-    feeds: dict[str, np.ndarray] = {}
-    for inp in session.get_inputs():
-        if inp.name == "input_ids":
-            feeds[inp.name] = np.asarray([token_ids], dtype=np.int64)
-        elif inp.name == "attention_mask":
-            feeds[inp.name] = np.ones((1, n), dtype=np.int64)
-        elif inp.name == "position_ids":
-            feeds[inp.name] = np.arange(n, dtype=np.int64)[None, :]
-        elif inp.name == "num_logits_to_keep":
-            feeds[inp.name] = np.asarray(logits_to_keep, dtype=np.int64)
-        elif inp.name.startswith("past_key_values."):
-            feeds[inp.name] = _empty_past(inp)
-        else:
-            raise FidelityError(f"the artifact's graph has an unexpected input {inp.name!r}; rebuild it")
-    logits = session.run(["logits"], feeds)[0]
-    return np.asarray(logits[0], dtype=np.float32)
-
-
-def _session_logits(artifact_dir: Path | str) -> LogitsFn:
-    session = open_session(artifact_dir)
-    return lambda ids: artifact_logits(session, ids)
-
-
-def _empty_past(inp) -> np.ndarray:
-    dims = list(inp.shape)
-    if len(dims) != 4 or not all(isinstance(d, int) for d in dims[1:2] + dims[3:]):
-        raise FidelityError(f"input {inp.name} has shape {dims}; expected [batch, kv_heads, past, head_dim]")
-    dtype = _ORT_DTYPES.get(inp.type)
-    if dtype is None:
-        raise FidelityError(f"input {inp.name} has type {inp.type}; expected float or float16")
-    return np.zeros((1, dims[1], 0, dims[3]), dtype=dtype)
+def check(logits: LogitsFn, reference_model, tokenizer, profile, max_tokens: int | None = None) -> dict[str, Any]:
+    """The fidelity check a build runs and `qwen-edge eval` repeats: `evaluate` and `greedy_match` of
+    the scored artifact against the reference, then the profile's threshold (FidelityError below it).
+    ``result`` is attached to the error so a caller can still show the numbers."""
+    result = evaluate(logits, reference_model, tokenizer, max_tokens=max_tokens)
+    result["greedy"] = greedy_match(logits, reference_model, tokenizer)
+    try:
+        check_threshold(result, profile)
+    except FidelityError as e:
+        e.result = result
+        raise
+    return result
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -153,26 +121,23 @@ def _encode(tokenizer, text: str) -> list[int]:
 
 
 def evaluate(
-    artifact_dir: Path | str,
+    logits: LogitsFn,
     reference_model,
     tokenizer,
     texts: Mapping[str, str] | None = None,
-    progress: bool = True,
     max_tokens: int | None = None,
-    logits: LogitsFn | None = None,
 ) -> dict[str, Any]:
-    """Compare the artifact with the reference on each text; per-language and overall (token-weighted).
+    """Compare the artifact (``logits``, e.g. from `scorer`) with the reference on each text;
+    per-language and overall (token-weighted).
 
     ``max_tokens`` is the total budget, shared equally between the texts (each is cut to its share).
-    ``logits`` scores the artifact (default: one prefill of ``model.onnx`` on the CPU).
     """
     texts = load_eval_texts() if texts is None else texts
     if not texts:
         raise FidelityError("no evaluation texts given")
     share = max(2, max_tokens // len(texts)) if max_tokens else None
-    logits = logits or _session_logits(artifact_dir)
     languages, total = {}, None
-    for name, text in tqdm(texts.items(), desc="fidelity", disable=not progress):
+    for name, text in report.current().bar(texts.items(), desc="fidelity"):
         ids = _encode(tokenizer, text)[:share]
         if len(ids) < 2:
             raise FidelityError(f"evaluation text {name!r} is shorter than two tokens")
@@ -188,13 +153,11 @@ def _eos_ids(model) -> list[int]:
 
 
 def greedy_match(
-    artifact_dir: Path | str,
+    logits: LogitsFn,
     reference_model,
     tokenizer,
     prompts: Iterable[Mapping] | None = None,
     n_tokens: int = 32,
-    progress: bool = True,
-    logits: LogitsFn | None = None,
 ) -> dict[str, Any]:
     """How many of the reference's first ``n_tokens`` greedy tokens the artifact reproduces, per chat prompt.
 
@@ -206,10 +169,9 @@ def greedy_match(
     import torch
 
     prompts = load_chat_prompts() if prompts is None else list(prompts)
-    logits = logits or _session_logits(artifact_dir)
     eos = _eos_ids(reference_model)
     per_prompt, matched_total, ref_total = {}, 0, 0
-    for i, prompt in enumerate(tqdm(prompts, desc="greedy match", disable=not progress)):
+    for i, prompt in enumerate(report.current().bar(prompts, desc="greedy match")):
         text = tokenizer.apply_chat_template(prompt["messages"], add_generation_prompt=True, tokenize=False)
         ids = _encode(tokenizer, text)
         with torch.inference_mode():

