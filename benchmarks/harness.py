@@ -154,3 +154,66 @@ def render_targets(targets: Sequence[Mapping]) -> str:
             detail = f"needs {t['system']} and a {t['group'] or 'reference'} system in the run"
         lines.append(f"- {t['target']}: {state} ({detail})")
     return "\n".join(lines)
+
+
+# -- speculative decoding (`run.py --speculation`) --------------------------------------------------
+
+# (target, ours, theirs, limit): on the code-editing task, ours / theirs decode tok/s >= limit
+SPEC_TARGETS = (
+    ("lookup >= 2x our plain decode", "qwen-edge-lookup", "qwen-edge", 2.0),
+    ("lookup >= 1.5x llama.cpp prompt lookup", "qwen-edge-lookup", "llamacpp-lookup", 1.5),
+    ("lookup >= 1.0x llama.cpp plain", "qwen-edge-lookup", "llamacpp", 1.0),
+)
+
+
+def speculation_rows(runs: Sequence[Mapping]) -> dict:
+    """{task: {system: {decode, ttft, acceptance, rss}}} spreads from the runs of `run.py --speculation`."""
+    rows: dict = {}
+    for r in runs:
+        rows.setdefault(r["task"], {}).setdefault(r["system"], []).append(r["result"])
+    return {
+        task: {
+            system: {
+                "decode": spread(x.get("decode_tps") for x in results),
+                "ttft": spread(x.get("ttft_ms") for x in results),
+                "acceptance": spread(x.get("acceptance_rate") for x in results),
+                "rss": spread(x.get("peak_rss_mb") for x in results),
+            }
+            for system, results in systems.items()
+        }
+        for task, systems in rows.items()
+    }
+
+
+def speculation_targets(rows: Mapping, task: str = "code-edit") -> list[dict]:
+    """The speculation targets on one task: both medians and their ratio (None when a side is missing)."""
+    out = []
+    for name, ours, theirs, limit in SPEC_TARGETS:
+        a = (rows.get(task, {}).get(ours) or {}).get("decode")
+        b = (rows.get(task, {}).get(theirs) or {}).get("decode")
+        ratio = a["median"] / b["median"] if a and b and b["median"] else None
+        out.append(
+            {
+                "target": name,
+                "ours": ours,
+                "theirs": theirs,
+                "ratio": ratio,
+                "met": None if ratio is None else ratio >= limit,
+            }
+        )
+    return out
+
+
+def render_speculation(rows: Mapping, targets: Sequence[Mapping]) -> str:
+    """Markdown: one table row per task and system (decode tok/s median (min–max), acceptance, TTFT), then targets."""
+    lines = ["| task | system | decode tok/s | acceptance | TTFT ms | peak RSS MB |", "|---|---|---:|---:|---:|---:|"]
+    for task, systems in rows.items():
+        for system, row in systems.items():
+            cells = [_cell(row["decode"], 1), _cell(row["acceptance"], 2), _cell(row["ttft"], 0), _cell(row["rss"], 0)]
+            lines.append(f"| {task} | {system} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for t in targets:
+        state = {True: "**met**", False: "**missed**", None: "not measured"}[t["met"]]
+        ratio = "" if t["ratio"] is None else f" ({t['ours']} / {t['theirs']} = {t['ratio']:.2f}x)"
+        lines.append(f"- code-edit, {t['target']}: {state}{ratio}")
+    return "\n".join(lines)

@@ -3,6 +3,7 @@
     python benchmarks/run.py                 # every system, 0.5B and 1.5B
     python benchmarks/run.py --quick         # 0.5B, qwen-edge demo recipe vs genai int4, 2 repetitions
     python benchmarks/run.py --systems qwen-edge-int4,genai-int4 --models 1.5b --reps 5
+    python benchmarks/run.py --speculation --models 0.5b   # plain vs prompt lookup, ours and llama.cpp's
 
 Each artifact is built once and cached under benchmarks/.cache/artifacts (keyed by the system, the
 source weights and the code that builds it), with its build wall time and peak RSS (psutil, summed
@@ -556,6 +557,83 @@ def run_model(model: str, systems: list[str], reps: int, nice: int, fidelity: bo
     }
 
 
+# -- speculative decoding -----------------------------------------------------------------------------
+
+SPEC_NEW_TOKENS = 160  # below the natural end of every task's answer: all systems decode the same stretch
+LOOKUP_TOKENS = 10  # llama-cpp-python's LlamaPromptLookupDecoding(num_pred_tokens=10); our initial draft length
+SPEC_SYSTEMS = ("qwen-edge", "qwen-edge-lookup", "llamacpp", "llamacpp-lookup")
+
+
+def speculation_cmd(system: str, art: Path, gguf: Path, task_file: Path, ids_file: Path, n_ids: int) -> list:
+    """One measurement of a speculation task (a fresh process): our `bench` or the llama.cpp anchor."""
+    if system.startswith("qwen-edge"):
+        cmd = [QWEN_EDGE, "bench", art, "--prompt-file", task_file, "-n", SPEC_NEW_TOKENS, "-r", 1, "--json"]
+        return cmd + (["--lookup", "--draft-tokens", LOOKUP_TOKENS] if system.endswith("-lookup") else [])
+    cmd = [_python("llamacpp"), ANCHORS / "llamacpp.py", "run", "--model", gguf, "--ids-file", ids_file]
+    cmd += ["--prompt-tokens", n_ids, "--new-tokens", SPEC_NEW_TOKENS, "--threads", 2]
+    return cmd + (["--lookup", LOOKUP_TOKENS] if system.endswith("-lookup") else [])
+
+
+def run_speculation(
+    model: str,
+    systems: list[str],
+    tasks: list[str],
+    reps: int,
+    nice: int,
+    work: Path,
+    art: Path | None,
+    gguf: Path | None,
+) -> dict:
+    """Plain vs prompt-lookup decoding, ours and llama.cpp's, on the speculation tasks, interleaved."""
+    from speculation_tasks import TASKS
+    from tokenizers import Tokenizer
+
+    from qwen_edge.chat import ChatTemplate
+
+    if art is None or gguf is None:
+        paths = ensure_model(model, progress=False)
+        gguf = gguf or paths["gguf"]
+        art = art or Path(ensure_artifact(OURS, model, paths, work)["path"])
+    tokenizer = Tokenizer.from_file(str(art / "tokenizer.json"))
+    template = ChatTemplate.from_tokenizer_config(art / "tokenizer_config.json")
+    ids, files = {}, {}
+    for task, text in TASKS.items():  # the same ids for both: our chat template, our tokenizer
+        rendered = template.render([{"role": "user", "content": text}], add_generation_prompt=True)
+        ids[task] = tokenizer.encode(rendered, add_special_tokens=False).ids
+        files[task] = work / f"spec-{task}.txt"
+        files[task].write_text(text, encoding="utf-8")
+    ids_file = work / f"spec-ids-{model}.json"
+    ids_file.write_text(json.dumps({str(len(v)): v for v in ids.values()}))
+    runs = []
+    order = harness.interleave(systems, tasks, reps)
+    for s in systems:  # page cache and lazy loading: one untimed process each
+        _run_json(speculation_cmd(s, art, gguf, files["chat"], ids_file, len(ids["chat"])), f"warm-up {s}", nice)
+    for i, (rep, task, system) in enumerate(order, 1):
+        cmd = speculation_cmd(system, art, gguf, files[task], ids_file, len(ids[task]))
+        result = _run_json(cmd, f"{system} {task}", nice)
+        if result.get("prompt_tokens") != len(ids[task]):
+            raise BenchError(
+                f"{system} saw {result.get('prompt_tokens')} prompt tokens of {task}, not {len(ids[task])}"
+            )
+        runs.append({"rep": rep, "task": task, "system": system, "result": result, "loadavg_1m": os.getloadavg()[0]})
+        log(
+            f"{model} [{i}/{len(order)}] {system} {task}: decode {result.get('decode_tps')} tok/s, "
+            f"acceptance {result.get('acceptance_rate')}"
+        )
+    rows = harness.speculation_rows(runs)
+    return {
+        "model": model,
+        "artifact": str(art),
+        "gguf": str(gguf),
+        "new_tokens": SPEC_NEW_TOKENS,
+        "lookup_tokens": LOOKUP_TOKENS,
+        "prompt_tokens": {k: len(v) for k, v in ids.items()},
+        "runs": runs,
+        "rows": rows,
+        "targets": harness.speculation_targets(rows),
+    }
+
+
 def _best_anchor(rows: dict, candidates: tuple) -> str | None:
     """The anchor system of a group measured in this run; for several (llama.cpp threads), the fastest decoder."""
     present = [c for c in candidates if c in rows]
@@ -674,7 +752,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-fidelity", action="store_true", help="skip the fidelity comparison")
     parser.add_argument("--render", type=Path, help="only rewrite latest.md and the plots from a results JSON")
+    parser.add_argument(
+        "--speculation", action="store_true", help="speculative decoding: plain vs prompt lookup, ours and llama.cpp's"
+    )
+    parser.add_argument("--tasks", help="--speculation: comma-separated tasks (default: code-edit,summarise,chat)")
+    parser.add_argument("--artifact", type=Path, help="--speculation: this qwen-edge artifact (default: built here)")
+    parser.add_argument("--gguf", type=Path, help="--speculation: this GGUF for llama.cpp (default: the fixture's)")
     args = parser.parse_args(argv)
+    if args.speculation:
+        return _speculation_main(args, argv)
     if args.render:
         result = json.loads(args.render.read_text())
         for m in result["models"]:  # targets from the stored rows, with the current definitions
@@ -733,6 +819,48 @@ def main(argv: list[str] | None = None) -> int:
     path = write_outputs(result)
     print((RESULTS / "latest.md").read_text())
     print(f"wrote {path} and {RESULTS / 'latest.md'}")
+    return 0
+
+
+def _speculation_main(args, argv) -> int:
+    models = args.models.split(",") if args.models else ["0.5b"]
+    from speculation_tasks import TASKS
+
+    systems = args.systems.split(",") if args.systems else list(SPEC_SYSTEMS)
+    tasks = args.tasks.split(",") if args.tasks else list(TASKS)
+    if not set(systems) <= set(SPEC_SYSTEMS) or not set(tasks) <= set(TASKS):
+        print(f"error: --speculation systems are {', '.join(SPEC_SYSTEMS)}; tasks {', '.join(TASKS)}", file=sys.stderr)
+        return 2
+    if len(models) > 1 and (args.artifact or args.gguf):
+        print("error: --artifact and --gguf name one model's files; give one --models", file=sys.stderr)
+        return 2
+    work = CACHE / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    started = dt.datetime.now().astimezone()
+    try:
+        done = [
+            run_speculation(m, systems, tasks, args.reps or 3, args.nice, work, args.artifact, args.gguf)
+            for m in models
+        ]
+    except BenchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    cmake = ENVS / "llamacpp" / ".cmake_args"
+    result = {
+        "date": started.isoformat(timespec="seconds"),
+        "machine": machine(),
+        "llamacpp_cmake_args": cmake.read_text().strip() if cmake.exists() else None,
+        "command": "python benchmarks/run.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "models": done,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = result["date"].replace(":", "").replace("-", "")[:13]
+    path = RESULTS / f"speculation-{stamp}.json"
+    path.write_text(json.dumps(result, indent=2))
+    md = "\n\n".join(f"### {m['model']}\n\n" + harness.render_speculation(m["rows"], m["targets"]) for m in done)
+    (RESULTS / "speculation-latest.md").write_text(md + "\n")
+    print(md)
+    print(f"wrote {path} and {RESULTS / 'speculation-latest.md'}")
     return 0
 
 

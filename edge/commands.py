@@ -28,16 +28,25 @@ def _fidelity_line(fidelity: dict | None) -> str:
 
 def build(args) -> int:
     """`qwen-edge build RECIPE`: build and print a short summary (with --quiet: nothing but errors)."""
-    from edge.pipeline import build as run_build
-
     recipe = load_recipe(args.recipe)
     if args.dry_run:
         print(json.dumps(plan(recipe), indent=2))
         return 0
+    from edge.check import preflight
+    from edge.recipe import recipe_profile
+
+    preflight.check_tools(recipe, recipe_profile(recipe))  # before the graph modules load (seconds of imports)
+    key = _signing_key(args)  # an unusable key fails now, not after the build
+    from edge.pipeline import build as run_build
+
     with report.use(report.Reporter(quiet=args.quiet)) as reporter:
         result = run_build(
             recipe, model=args.model, out=Path(args.out) if args.out else None, evaluate=not args.no_eval
         )
+        if key is not None:
+            from qwen_edge.signing import key_id, sign_artifact
+
+            reporter.line(f"signed {sign_artifact(result.out_dir, key)} with key {key_id(key.public_key())}")
         stats = result.manifest["build"]
         reporter.line(
             f"built {result.out_dir} in {stats['seconds']:.0f} s: {_size_mb(result.out_dir):.0f} MB, "
@@ -45,6 +54,15 @@ def build(args) -> int:
         )
         reporter.line(_fidelity_line(result.manifest["fidelity"]))
     return 0
+
+
+def _signing_key(args):
+    """The Ed25519 private key of `--sign`, or None."""
+    if not getattr(args, "sign", None):
+        return None
+    from qwen_edge.signing import load_private_key
+
+    return load_private_key(args.sign)
 
 
 def plan(recipe) -> dict:
@@ -70,6 +88,8 @@ def evaluate(args) -> int:
     from edge.sources import open_source
     from qwen_edge.artifact import Artifact
 
+    if getattr(args, "full", False) and not getattr(args, "tasks", False):
+        raise RecipeError("--full selects the full task suites; add --tasks")
     artifact = Artifact.open(args.artifact, verify="size")
     try:
         profile = Profile.model_validate(artifact.profile)
@@ -77,6 +97,8 @@ def evaluate(args) -> int:
         raise RecipeError(
             f"{artifact.root}: the manifest's profile is not valid ({e}); rebuild the artifact"
         ) from None
+    if getattr(args, "tasks", False):
+        return _evaluate_tasks(args, artifact, profile)
     recipe = artifact.manifest.get("recipe") or {}
     max_tokens = (recipe.get("fidelity") or {}).get("max_tokens") if isinstance(recipe, dict) else None
     logits = fidelity.scorer(artifact)  # loads the runtime first: a missing provider fails before the reference
@@ -93,6 +115,33 @@ def evaluate(args) -> int:
                 raise
     _print_fidelity(result, args.json)
     return 0
+
+
+def _evaluate_tasks(args, artifact, profile) -> int:
+    """`qwen-edge eval ARTIFACT --tasks [--full]`: the task suites on the artifact and on its fp32
+    reference, with the profile's allowed drop when it sets task_check."""
+    from edge.check import tasks
+    from edge.sources import open_source
+
+    chat = tasks.session(artifact)
+    max_drop = profile.task_check.max_drop if profile.task_check else None
+    with report.use(report.Reporter(quiet=args.json)) as reporter:
+        with reporter.hushed_libraries():
+            reference = open_source(args.reference or artifact.manifest["source"]["spec"]).reference_model()
+            try:
+                result = tasks.check(chat, reference, full=args.full, max_drop=max_drop)
+            except tasks.TaskCheckError as e:
+                if hasattr(e, "result"):
+                    _print_tasks(e.result, args.json)
+                raise
+    _print_tasks(result, args.json)
+    return 0
+
+
+def _print_tasks(result: dict, as_json: bool) -> None:
+    from edge.check.tasks import format_rates
+
+    print(json.dumps(result, indent=2, ensure_ascii=False) if as_json else "\n".join(format_rates(result)))
 
 
 def _print_fidelity(result: dict, as_json: bool) -> None:
@@ -133,11 +182,15 @@ def package(args) -> int:
 
     from edge.artifact.package import package as run_package
 
+    key = _signing_key(args)
     start = time.perf_counter()
-    result = run_package(args.artifact, args.target, args.out, license_file=args.license, license_id=args.license_id)
+    result = run_package(
+        args.artifact, args.target, args.out, license_file=args.license, license_id=args.license_id, sign_key=key
+    )
     seconds = time.perf_counter() - start
     report.current().line(
         f"wrote {result.path}: {result.target} bundle, {result.files} files, "
         f"{result.bytes / 1e6:.1f} MB, licence {result.license_id}, in {seconds:.1f} s"
+        + (f", signed with key {result.key_id}" if result.key_id else "")
     )
     return 0

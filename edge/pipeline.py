@@ -17,10 +17,12 @@ from edge import report
 from edge.artifact.genai_config import write_genai_config
 from edge.artifact.licenses import write_license
 from edge.artifact.manifest import model_block, profile_block, write_manifest
+from edge.check import preflight
 from edge.graph.decoder import GraphOptions, export
 from edge.graph.plan import weight_plan
 from edge.recipe import Profile, Recipe, recipe_profile
 from edge.sources import open_source
+from edge.sources.adapter import MergedSource, check_tables, load_adapter, read_adapter_config, write_switchable
 from qwen_edge import contract
 from qwen_edge.errors import QwenEdgeError
 from qwen_edge.memory import peak_rss_mb
@@ -51,10 +53,18 @@ def _build(recipe: Recipe, model: str | None, out: Path | None, evaluate: bool) 
     profile: Profile = recipe_profile(recipe)
     out_dir = Path(out or Path("artifacts") / recipe.name).resolve()
     start = time.perf_counter()
+    preflight.check_tools(recipe, profile)
+    _check_adapter_options(recipe, profile)
+    _check_openvino_eval(profile, evaluate and recipe.fidelity.enabled)
     spec = model or recipe.resolve_source()
     reporter.status(f"opening {spec}")
     source = open_source(spec)
     recipe.check_context_length(source.config.max_position_embeddings)
+    preflight.check_resources(recipe, profile, source.config, out_dir)
+    adapters = _load_adapters(recipe, source)
+    switchable = adapters if recipe.adapter and recipe.adapter.mode == "switchable" else []
+    if adapters and not switchable:
+        source = MergedSource(source, adapters[0])
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
@@ -72,7 +82,7 @@ def _build(recipe: Recipe, model: str | None, out: Path | None, evaluate: bool) 
             scored = static.pop("scored")
             graph_facts = {"kv_cache": contract.STATIC, contract.STATIC_BLOCK: static}
         elif recipe.backend == "native":
-            _export_native(recipe, profile, source, staging)
+            _export_native(recipe, profile, source, staging, switchable)
         else:
             backend_info = _export_with_backend(recipe, profile, source, staging)
             graph_facts = backend_info.pop("graph", None)
@@ -83,7 +93,7 @@ def _build(recipe: Recipe, model: str | None, out: Path | None, evaluate: bool) 
         export_peak = peak_rss_mb()
         fidelity = None
         if evaluate and recipe.fidelity.enabled:
-            fidelity = _check_fidelity(scored or staging, source, recipe, profile, static)
+            fidelity = _check_fidelity(scored or staging, source, recipe, profile, static, switchable)
         if static:
             shutil.rmtree(staging / STATIC_WORK, ignore_errors=True)
         stats = {
@@ -104,6 +114,7 @@ def _build(recipe: Recipe, model: str | None, out: Path | None, evaluate: bool) 
             license=license,
             backend=backend_info,
             static=static,
+            adapters={a.name: {"file": contract.adapter_file(a.name), **a.summary()} for a in switchable} or None,
         )
         _replace_dir(staging, out_dir)
     except BaseException:
@@ -112,10 +123,50 @@ def _build(recipe: Recipe, model: str | None, out: Path | None, evaluate: bool) 
     return BuildResult(out_dir, manifest)
 
 
-def _export_native(recipe: Recipe, profile: Profile, source, staging: Path) -> None:
-    """qwen-edge's own exporter: GPTQ calibration when the recipe asks for it, then the graph."""
+def _check_openvino_eval(profile: Profile, evaluate: bool) -> None:
+    """An OpenVINO build's fidelity check needs onnxruntime-openvino, whose venv cannot run the QDQ step:
+    say so before any export."""
+    import onnxruntime
+
+    missing = profile.ort_provider not in onnxruntime.get_available_providers()
+    if evaluate and profile.execution_provider == "openvino" and missing:
+        raise QwenEdgeError(
+            f"profile {profile.name!r} is scored on OpenVINO, which this onnxruntime lacks: build with --no-eval "
+            "here, then run `qwen-edge eval ARTIFACT` in the OpenVINO venv (bash scripts/setup.sh openvino)"
+        )
+
+
+def _check_adapter_options(recipe: Recipe, profile: Profile) -> None:
+    """The recipe's adapter directories hold LoRA adapters qwen-edge can build (their configs only: cheap)."""
+    if recipe.adapter is None:
+        return
+    if recipe.adapter.mode == "switchable" and (recipe.backend != "native" or profile.graph == "static"):
+        raise QwenEdgeError(
+            f"recipe {recipe.name!r}: switchable adapters are inputs of qwen-edge's CPU graph; use backend native "
+            "with a CPU profile, or adapter mode merged"
+        )
+    for path in recipe.adapter.paths.values():
+        read_adapter_config(path)
+
+
+def _load_adapters(recipe: Recipe, source) -> list:
+    """The recipe's adapters, read and checked against the source model (shapes, embedding/lm_head use)."""
+    if recipe.adapter is None:
+        return []
+    switchable = recipe.adapter.mode == "switchable"
+    adapters = [load_adapter(path, source.config, name) for name, path in recipe.adapter.paths.items()]
+    for adapter in adapters:
+        check_tables(adapter, source.config, switchable=switchable)
+    return adapters
+
+
+def _export_native(recipe: Recipe, profile: Profile, source, staging: Path, switchable=()) -> None:
+    """qwen-edge's own exporter: GPTQ calibration when the recipe asks for it, then the graph (with LoRA
+    inputs and one file per adapter when `switchable` adapters are given)."""
     plan = weight_plan(recipe.precision, source.config)
-    options = GraphOptions(context_length=recipe.context_length, accuracy_level=profile.accuracy_level)
+    options = GraphOptions(
+        context_length=recipe.context_length, accuracy_level=profile.accuracy_level, lora=bool(switchable)
+    )
     calibrated = None
     if recipe.precision.method == "gptq":
         from edge.quantize import gptq
@@ -127,11 +178,14 @@ def _export_native(recipe: Recipe, profile: Profile, source, staging: Path) -> N
     finally:
         if calibrated is not None:
             calibrated.close()
+    for adapter in switchable:
+        write_switchable(adapter, staging / contract.adapter_file(adapter.name))
 
 
 def _export_static(recipe: Recipe, profile: Profile, source, staging: Path) -> dict:
     """NPU artifact: static fp32 graphs → calibration feeds → QDQ → compiled context binaries → the
-    compiled graphs checked on the NPU backend against the QDQ graphs on the CPU.
+    compiled graphs checked on the NPU backend against the QDQ graphs on the CPU. For OpenVINO the QDQ
+    graphs are the artifact (its provider compiles them for the device when a session loads them).
 
     Returns the manifest's ``static`` block (with ``npu_check``: NPU vs CPU agreement), plus ``scored``
     (the directory of compiled graphs the host's NPU backend can load, for the fidelity check against
@@ -159,6 +213,20 @@ def _export_static(recipe: Recipe, profile: Profile, source, staging: Path) -> d
     feeds = qnn.capture_feeds(Artifact(fp32, manifest), qdq.calibration_prompts(tokenizer, 2 * profile.chunk))
     quantized = qdq.quantize(fp32, qdq_dir, feeds, options)
     shutil.rmtree(fp32)
+    if profile.execution_provider == "openvino":  # OpenVINO compiles the QDQ graphs when it loads them
+        files = {}
+        for f in sorted(qdq_dir.iterdir()):
+            shutil.move(str(f), staging / f.name)
+            files[f.name] = (staging / f.name).stat().st_size
+        return {
+            **info,
+            "files": files,
+            "activation_bits": options.activation_bits,
+            "weight_bits": options.weight_bits,
+            "lm_head_bits": options.lm_head_bits,
+            "quantize_seconds": quantized["seconds"],
+            "scored": staging,
+        }
     compiled = qnn.compile_context(qdq_dir, staging, profile.provider_options, share=profile.share_weights)
     # The host HTP emulator cannot load a context shared by two graphs: check an unshared compile of the same graphs.
     target = staging
@@ -209,13 +277,19 @@ def _export_with_backend(recipe: Recipe, profile: Profile, source, staging: Path
     return info
 
 
-def _check_fidelity(artifact_dir: Path, source, recipe: Recipe, profile: Profile, static: dict | None) -> dict:
+def _check_fidelity(
+    artifact_dir: Path, source, recipe: Recipe, profile: Profile, static: dict | None, switchable=()
+) -> dict:
     """The artifact in `artifact_dir`, run by the runtime with the profile it ships with, against the
-    fp32 reference (what `qwen-edge eval` repeats on the finished artifact)."""
+    fp32 reference (what `qwen-edge eval` repeats on the finished artifact): a merged adapter's
+    reference is transformers + peft; each switchable adapter is checked against the peft reference
+    with that adapter active (``adapters`` in the result)."""
     from transformers import AutoTokenizer
 
     from edge.check import fidelity
+    from edge.sources.adapter import peft_reference
     from qwen_edge.artifact import Artifact
+    from qwen_edge.generator import Generator
 
     report.current().status("loading the fp32 reference for the fidelity check")
     reference = source.reference_model()
@@ -223,8 +297,29 @@ def _check_fidelity(artifact_dir: Path, source, recipe: Recipe, profile: Profile
     manifest = {"model": model_block(source.config, recipe.context_length), "profile": profile_block(profile)}
     if static is not None:
         manifest[contract.STATIC_BLOCK] = {**static, "share_weights": False}  # scored graphs are unshared
-    logits = fidelity.scorer(Artifact(artifact_dir, manifest))
+    if switchable:
+        manifest[contract.ADAPTERS_BLOCK] = {a.name: {"file": contract.adapter_file(a.name)} for a in switchable}
+    artifact = Artifact(artifact_dir, manifest)
+    logits = fidelity.scorer(artifact)
     result = fidelity.check(logits, reference, tokenizer, profile, max_tokens=recipe.fidelity.max_tokens)
+    if profile.task_check is not None:
+        from edge.check import tasks
+
+        report.current().status("task check against the fp32 reference")
+        options = profile.task_check
+        checked = tasks.check(tasks.session(artifact), reference, options.full, options.max_drop)
+        result["tasks"] = {k: checked[k] for k in ("form", "suites", "overall")}  # replies stay out of the manifest
+    if switchable:
+        generator = Generator(artifact)
+        reference = peft_reference(reference, switchable)
+        result["adapters"] = {}
+        for adapter in switchable:
+            report.current().status(f"fidelity check of adapter {adapter.name}")
+            reference.set_adapter(adapter.name)
+            generator.set_adapter(adapter.name)
+            result["adapters"][adapter.name] = fidelity.check(
+                generator.logits, reference, tokenizer, profile, max_tokens=recipe.fidelity.max_tokens
+            )
     del reference
     return result
 

@@ -27,9 +27,9 @@ Precision methods:
 
 ``lm_head_int8_rows: N`` (an int4 lm_head, native backend) keeps lm_head's first N rows in int8. A
 byte-level BPE vocabulary numbers its tokens in merge order, so the low ids are the frequent tokens
-the next token is usually picked from: on Qwen2.5-Coder-0.5B, 16384 int8 rows (+7 MB) lift top-1
-agreement with fp32 as much as a fully int8 lm_head (+66 MB) would. A tied model whose lm_head
-would otherwise share the embedding's blobs then stores its own lm_head.
+the next token is usually picked from, so a few thousand int8 rows buy most of what an all-int8
+lm_head does (measured in the README). A tied model whose lm_head would otherwise share the
+embedding's blobs then stores its own lm_head.
 """
 
 from __future__ import annotations
@@ -136,12 +136,20 @@ class FidelityThreshold(_Strict):
         return self
 
 
+class TaskCheck(_Strict):
+    """The task-accuracy check (edge.check.tasks) a build runs after the fidelity check: the artifact's
+    overall pass rate may fall at most ``max_drop`` below the fp32 reference's; ``full``: the full suites."""
+
+    max_drop: Annotated[float, Field(ge=0.0, le=1.0)]
+    full: bool = False
+
+
 class Profile(_Strict):
     """A device profile: execution provider, session options, memory budget and fidelity threshold."""
 
     name: str
     description: str
-    execution_provider: Literal["cpu", "qnn"] = "cpu"
+    execution_provider: Literal["cpu", "qnn", "openvino"] = "cpu"
     provider_options: dict[str, str | int | float | bool] = Field(default_factory=dict)
     # "static": an NPU's two fixed-shape graphs (edge.graph.static), `chunk` tokens per prefill run,
     # QDQ-quantized with `activation_bits` activations and compiled ahead of time (edge.quantize.qdq, edge.npu.qnn).
@@ -156,6 +164,7 @@ class Profile(_Strict):
     default_precision: Precision = Precision()
     memory_budget_mb: Annotated[int, Field(gt=0)]
     fidelity_threshold: FidelityThreshold | None = None
+    task_check: TaskCheck | None = None
     graph_optimization_level: Literal["disable", "basic", "extended", "all"] = "all"
     session_config: dict[str, str] = Field(default_factory=dict)  # onnxruntime session config entries
 
@@ -164,10 +173,12 @@ class Profile(_Strict):
         if self.execution_provider == "cpu" and self.provider_options:
             raise ValueError("the cpu execution provider takes no provider_options; remove them")
         static = self.graph == "static"
-        if (self.execution_provider == "qnn") != static:
+        # NPUs compile fixed shapes, and OpenVINO leaves nodes of the dynamic graph to the CPU: both take static graphs
+        if (self.execution_provider in ("qnn", "openvino")) != static:
+            kind = "dynamic" if self.execution_provider == "cpu" else "static"
             raise ValueError(
-                "the qnn execution provider runs static graphs only: use graph: static with "
-                "execution_provider: qnn (and graph: dynamic elsewhere)"
+                f"the {self.execution_provider} execution provider runs {kind} graphs only: use graph: static "
+                "with execution_provider qnn or openvino, and graph: dynamic with cpu"
             )
         if static and (self.chunk is None or self.activation_bits is None):
             raise ValueError("graph: static needs chunk (tokens per prefill run) and activation_bits (8 or 16)")
@@ -182,7 +193,9 @@ class Profile(_Strict):
     @property
     def ort_provider(self) -> str:
         """The onnxruntime provider name for ``execution_provider``."""
-        return {"cpu": "CPUExecutionProvider", "qnn": "QNNExecutionProvider"}[self.execution_provider]
+        return {"cpu": "CPUExecutionProvider", "qnn": "QNNExecutionProvider", "openvino": "OpenVINOExecutionProvider"}[
+            self.execution_provider
+        ]
 
     @property
     def ort_graph_optimization_level(self) -> str:
@@ -202,6 +215,7 @@ class ProfileOverrides(_Strict):
     accuracy_level: Annotated[int, Field(ge=0, le=4)] | None = None
     memory_budget_mb: Annotated[int, Field(gt=0)] | None = None
     fidelity_threshold: FidelityThreshold | None = None
+    task_check: TaskCheck | None = None
     chunk: Literal[16, 32, 64, 128, 256] | None = None
     share_weights: bool | None = None
 
@@ -236,6 +250,38 @@ class FidelityOptions(_Strict):
     max_tokens: Annotated[int, Field(ge=16)] = 1024
 
 
+_ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+
+
+class AdapterOptions(_Strict):
+    """PEFT LoRA adapters (directories with adapter_config.json + adapter_model.safetensors, by name).
+
+    ``merged``: the one adapter is folded into the weights before quantization (one artifact).
+    ``switchable``: the base artifact plus one small file per adapter, swapped per request at run time.
+    """
+
+    mode: Literal["merged", "switchable"]
+    paths: Annotated[dict[str, str], Field(min_length=1)]
+
+    @field_validator("paths")
+    @classmethod
+    def _paths(cls, v: dict[str, str], info) -> dict[str, str]:
+        base = (info.context or {}).get("base_dir")
+        out = {}
+        for name, text in v.items():
+            if not _ADAPTER_NAME.match(name):
+                raise ValueError(f"adapter name {name!r} must be letters, digits, '-' or '_' (at most 64)")
+            path = Path(text).expanduser()
+            out[name] = str(Path(base) / path if not path.is_absolute() and base is not None else path)
+        return out
+
+    @model_validator(mode="after")
+    def _one_merged(self) -> "AdapterOptions":
+        if self.mode == "merged" and len(self.paths) != 1:
+            raise ValueError("mode merged folds exactly one adapter into the weights; use mode switchable for several")
+        return self
+
+
 class Recipe(_Strict):
     """A build recipe. After ``load_recipe`` its ``precision`` is complete (profile defaults applied)."""
 
@@ -251,6 +297,7 @@ class Recipe(_Strict):
     precision: Precision = Precision()
     fidelity: FidelityOptions = FidelityOptions()
     overrides: ProfileOverrides = ProfileOverrides()
+    adapter: AdapterOptions | None = None
 
     @field_validator("source")
     @classmethod
@@ -418,7 +465,8 @@ def _read_yaml(path: Path) -> dict:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise RecipeError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+        problem = " ".join(str(getattr(e, "problem", None) or e).split())  # a reader error spans lines
+        raise RecipeError(f"{path}: not valid YAML{where}: {problem}") from None
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: expected a mapping of keys to values at the top level")
     return data

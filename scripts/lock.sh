@@ -23,7 +23,8 @@ if [ ! -x "$tools/bin/uv" ]; then
 fi
 old="$(mktemp -d)"
 trap 'rm -rf "$old"' EXIT
-locks=(requirements/dev.txt requirements/optimum.txt requirements/lock-tools.txt
+locks=(requirements/dev.txt requirements/optimum.txt requirements/arm64.txt requirements/openvino.txt
+       requirements/lock-tools.txt
        benchmarks/envs/genai.txt benchmarks/envs/llamacpp.txt benchmarks/envs/optimum.txt)
 for lock in "${locks[@]}"; do
   mkdir -p "$old/$(dirname "$lock")"
@@ -36,12 +37,16 @@ compile() {
   local out="$1"; shift
   echo "locking $out" >&2
   "$tools/bin/uv" pip compile -q "$@" "${upgrade[@]}" --generate-hashes --find-links /opt/wheels \
-    --python-version 3.11 --python-platform x86_64-manylinux_2_35 \
+    --python-version 3.11 --python-platform "${platform:-x86_64-manylinux_2_35}" \
     --custom-compile-command "bash scripts/lock.sh" -o "$out"
 }
 compile requirements/dev.txt pyproject.toml requirements/tools.in --extra build --extra test --extra olive --extra qnn
 compile requirements/optimum.txt pyproject.toml requirements/tools.in --extra build --extra test --extra optimum
+compile requirements/openvino.txt pyproject.toml requirements/tools.in --extra build --extra test --extra openvino \
+  --override requirements/openvino-overrides.txt
 compile requirements/lock-tools.txt requirements/lock-tools.in
+# the runtime alone on aarch64 (scripts/arm64: run under qemu-user)
+platform=aarch64-manylinux_2_28 compile requirements/arm64.txt pyproject.toml
 for name in genai llamacpp optimum; do
   compile "benchmarks/envs/$name.txt" "benchmarks/envs/$name.in" requirements/tools.in
 done

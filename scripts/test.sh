@@ -11,6 +11,10 @@ bash scripts/setup.sh dev
 if [ "$#" -gt 0 ]; then
   exec .venv/bin/python -m pytest -q "$@"
 fi
+# The browser tests drive Debian's Chromium (never a browser download): installed when missing.
+if [ ! -x /usr/bin/chromium ]; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null
+fi
 (cd runtimes/js && npm ci --no-audit --no-fund --loglevel=error && QWEN_EDGE_PYTHON="$PWD/../../.venv/bin/python" npm test)
 .venv/bin/python -m pytest -q
 bash scripts/setup.sh optimum

@@ -163,7 +163,7 @@ def test_bad_requests_get_openai_errors(server):
 
 
 def test_unknown_paths_and_wrong_methods(server):
-    status, _, payload = raw(server, "GET", "/v1/completions")
+    status, _, payload = raw(server, "GET", "/v1/embeddings")
     assert status == 404 and payload["error"]["code"] == "unknown_url"
     status, headers, payload = raw(server, "GET", "/v1/chat/completions")
     assert status == 405 and headers["Allow"] == "POST" and payload["error"]["code"] == "method_not_allowed"

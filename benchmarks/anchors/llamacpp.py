@@ -1,4 +1,5 @@
-"""llama.cpp anchor: llama-cpp-python on the original GGUF (its own Q4_K_M mix), 2 threads, greedy.
+"""llama.cpp anchor: llama-cpp-python on the original GGUF (its own Q4_K_M mix), 2 threads, greedy
+(optionally with its prompt-lookup speculative decoding, `--lookup N`).
 
 Runs inside the anchor venv (`benchmarks/envs/setup.sh llamacpp`). Subcommands:
 
@@ -22,13 +23,24 @@ import common  # noqa: E402
 ANCHOR = "llama.cpp"
 
 
-def _load(path: str, n_ctx: int, threads: int, logits_all: bool = False):
+def _load(path: str, n_ctx: int, threads: int, logits_all: bool = False, lookup: int = 0):
     if not os.path.isfile(path):
         common.fail(f"{path} is not a GGUF file; pass the model's .gguf with --model")
     from llama_cpp import Llama
 
+    draft = None
+    if lookup:  # llama-cpp-python's own prompt-lookup speculative decoding
+        from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+        draft = LlamaPromptLookupDecoding(num_pred_tokens=lookup)
     return Llama(
-        model_path=path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, logits_all=logits_all, verbose=False
+        model_path=path,
+        n_ctx=n_ctx,
+        n_threads=threads,
+        n_threads_batch=threads,
+        logits_all=logits_all,
+        draft_model=draft,
+        verbose=False,
     )
 
 
@@ -51,14 +63,15 @@ def run(args) -> dict:
     common.run_argv(args)  # checks the arguments
     ids = common.load_ids(args.ids_file, args.prompt_tokens)
     t0 = time.perf_counter()
-    llm = _load(args.model, len(ids) + args.new_tokens + 8, args.threads)
+    llm = _load(args.model, len(ids) + args.new_tokens + 8, args.threads, lookup=args.lookup)
     load_ms = (time.perf_counter() - t0) * 1000
     if args.warmup_tokens:
         _generate(llm, ids[:32], args.warmup_tokens)
     clock = common.CpuClock()
     clock.start()
     ttft, decode, count = _generate(llm, ids, args.new_tokens)
-    return common.record(ANCHOR, len(ids), ttft, decode, count, load_ms, clock.stop(), args.threads)
+    record = common.record(ANCHOR, len(ids), ttft, decode, count, load_ms, clock.stop(), args.threads)
+    return {**record, "lookup": args.lookup}
 
 
 def logits(args) -> dict:
@@ -80,15 +93,16 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     for name in ("run", "repeat"):
-        common.add_run_args(
-            sub.add_parser(name), "GGUF file", 2, "n_threads and n_threads_batch (default 2: the machine's cores)"
-        )
+        p = sub.add_parser(name)
+        common.add_run_args(p, "GGUF file", 2, "n_threads and n_threads_batch (default 2: the machine's cores)")
+        p.add_argument("--lookup", type=int, default=0, help="prompt-lookup draft of this many tokens (0: off)")
     common.add_logits_args(sub.add_parser("logits"), "GGUF file", threads=2)
     args = parser.parse_args(argv)
     if args.cmd == "run":
         print(json.dumps(run(args)), flush=True)
     elif args.cmd == "repeat":
-        common.repeat(os.path.abspath(__file__), common.run_argv(args), args.reps, ANCHOR)
+        lookup = ["--lookup", str(args.lookup)] if args.lookup else []
+        common.repeat(os.path.abspath(__file__), common.run_argv(args) + lookup, args.reps, ANCHOR)
     else:
         print(json.dumps(logits(args)), flush=True)
 

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 from edge.config import QwenConfig
 from qwen_edge.artifact import sha256_file
-from qwen_edge.contract import FORMAT, FORMAT_VERSION, MANIFEST, STATIC_BLOCK
+from qwen_edge.contract import ADAPTERS_BLOCK, FORMAT, FORMAT_VERSION, MANIFEST, STATIC_BLOCK
 
 TOOLS = ("qwen-edge", "onnx", "onnx-ir", "onnxruntime", "transformers", "torch", "gguf")
 
@@ -100,13 +100,15 @@ def write_manifest(
     license: Mapping[str, str] | None = None,
     backend: Mapping[str, Any] | None = None,
     static: Mapping[str, Any] | None = None,
+    adapters: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Hash every file in ``out_dir`` and write the manifest; return it.
 
     ``recipe``, ``profile`` and ``precision`` are the models from ``edge.recipe`` (or plain dicts);
     ``source_fingerprint`` is ``{spec, kind, sha256}``; ``build_stats`` holds seconds and peak RSS;
     ``backend`` is what exported the graph (``{"name", "versions", "steps"}``; default the native exporter);
-    ``static`` describes an NPU artifact's prefill/decode graphs (``edge.graph.static``, ``edge.npu.qnn``).
+    ``static`` describes an NPU artifact's prefill/decode graphs (``edge.graph.static``, ``edge.npu.qnn``);
+    ``adapters`` a switchable artifact's LoRA adapters (``{name: {file, rank, ...}}``; the files are in ``files``).
     """
     out = Path(out_dir)
     recipe_data = _plain(recipe)
@@ -121,6 +123,7 @@ def write_manifest(
         "tools": tool_versions(),
         "backend": dict(backend) if backend is not None else {"name": "native"},
         **({STATIC_BLOCK: dict(static)} if static is not None else {}),
+        **({ADAPTERS_BLOCK: dict(adapters)} if adapters else {}),
         "files": file_table(out),
         "license": dict(license) if license is not None else None,
         "fidelity": dict(fidelity) if fidelity is not None else None,

@@ -23,6 +23,7 @@ from qwen_edge.artifact import Artifact
 from qwen_edge.bundle import BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, BUNDLE_JSON, TARGETS
 from qwen_edge.contract import (
     ALIGNMENT,
+    BUNDLE_SIGNATURE,
     LICENSE_FILE,
     MANIFEST,
     MODEL_DATA_FILE,
@@ -245,6 +246,18 @@ def _integration_note(target: str) -> bytes:
     return resources.files("edge").joinpath(f"data/integration/{target}.md").read_bytes()
 
 
+def _page_entries(checks: list[str]) -> list[_Entry]:
+    """The chat page (qwen_edge.webpage) under web/, beside the model files it loads from "../"."""
+    from qwen_edge.webpage import PAGE_DIR, page_files
+
+    files = page_files()
+    checks.append(
+        f"chat page in {PAGE_DIR}/ ({len(files)} files): serve the unzipped bundle with cross-origin isolation "
+        f"headers (qwen-edge serve --web DIR does) and open /{PAGE_DIR}/"
+    )
+    return [_Entry(f"{PAGE_DIR}/{name}", p.stat().st_size, _sha(p.read_bytes()), path=p) for name, p in files.items()]
+
+
 def bundle_name(recipe: str, target: str) -> str:
     """File name of a bundle: `<recipe>-<target>-v<bundle format>.zip`."""
     safe = re.sub(r"[^A-Za-z0-9._-]+", "-", recipe).strip("-") or "model"
@@ -260,6 +273,7 @@ class PackageResult:
     files: int
     bytes: int
     license_id: str
+    key_id: str | None = None  # the key that signed bundle.json
 
 
 def package(
@@ -270,10 +284,12 @@ def package(
     license_file: str | Path | None = None,
     license_id: str | None = None,
     max_file_bytes: int | None = None,
+    sign_key=None,
 ) -> PackageResult:
     """Write the bundle of an artifact for `target`; `out` is a file, a directory, or None (next to the artifact).
 
-    `max_file_bytes` overrides the target's per-file limit (external data is sharded below it).
+    `max_file_bytes` overrides the target's per-file limit (external data is sharded below it); `sign_key`
+    (an Ed25519 private key, `qwen_edge.signing`) adds bundle.sig, its signature of bundle.json.
     """
     if target not in TARGETS:
         raise QwenEdgeError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
@@ -291,6 +307,8 @@ def package(
     manifest = dict(artifact.manifest, files=model_table, license={"id": lic_id, "file": LICENSE_FILE})
     entries.append(_generated(MANIFEST, _json_bytes(manifest)))
     entries.append(_generated(INTEGRATION_FILE, _integration_note(target)))
+    if target == "web":
+        entries += _page_entries(checks)
     total = sum(e.size for e in entries)
     if rules.max_total_bytes is not None:
         if total > rules.max_total_bytes:
@@ -312,7 +330,14 @@ def package(
         "notes": list(rules.notes),
         "files": {e.name: {"size": e.size, "sha256": e.sha256} for e in entries},
     }
-    entries.append(_generated(BUNDLE_JSON, _json_bytes(meta)))
+    meta_bytes = _json_bytes(meta)
+    entries.append(_generated(BUNDLE_JSON, meta_bytes))
+    kid = None
+    if sign_key is not None:
+        from qwen_edge import signing
+
+        entries.append(_generated(BUNDLE_SIGNATURE, signing.sign(sign_key, BUNDLE_JSON, meta_bytes)))
+        kid = signing.key_id(sign_key.public_key())
     entries.sort(key=lambda e: e.name)
 
     dest = Path(out) if out is not None else artifact.root.parent
@@ -330,4 +355,4 @@ def package(
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return PackageResult(dest, target, len(entries), dest.stat().st_size, lic_id)
+    return PackageResult(dest, target, len(entries), dest.stat().st_size, lic_id, kid)

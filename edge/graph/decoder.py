@@ -36,10 +36,12 @@ LM_HEAD_SLICE_ROWS = 32768
 
 @dataclass(frozen=True)
 class GraphOptions:
-    """Graph-level choices: context length (rotary cache size) and MatMulNBits accuracy level."""
+    """Graph-level choices: context length (rotary cache size), MatMulNBits accuracy level, and whether
+    every decoder linear takes LoRA A/B inputs (a switchable-adapter artifact)."""
 
     context_length: int
     accuracy_level: int = 4
+    lora: bool = False
 
 
 TensorReader = Callable[..., np.ndarray]  # (HF name, rows: slice | None = None) -> float32 array (a source's tensor)
@@ -82,6 +84,7 @@ class DecoderGraph:
         self.memo = _Memo()
         self.supplied = quantized or (lambda key: None)
         self.initializers: list[ir.Value] = []
+        self.lora_inputs: list[ir.Value] = []
         self.nodes: list[ir.Node] = []
         self._count = 0
 
@@ -115,6 +118,24 @@ class DecoderGraph:
         value = ir.Value(name=name, type=ir.TensorType(tensor.dtype), shape=tensor.shape, const_value=tensor)
         self.initializers.append(value)
         return value
+
+    def _overridable(self, name: str, shape: list, default: np.ndarray) -> ir.Value:
+        """A graph input whose initializer of the same name is its default."""
+        value = ir.val(name, ir.DataType.FLOAT, shape)
+        value.const_value = ir.tensor(default, name=name)
+        self.initializers.append(value)
+        self.lora_inputs.append(value)
+        return value
+
+    def _lora(self, x: ir.Value, y: ir.Value, i: int, group: str, n: int, k: int) -> ir.Value:
+        """y + (x @ A) @ B with layer i's LoRA inputs of `group` (contract.LORA_GROUPS); zero rank by default."""
+        if not self.opts.lora:
+            return y
+        rank = f"lora_rank_{i}_{group}"  # one dim per input: layers may differ in rank (or have none)
+        a = self._overridable(contract.LORA_A % (i, group), [k, rank], np.zeros((k, 0), np.float32))
+        b = self._overridable(contract.LORA_B % (i, group), [rank, n], np.zeros((0, n), np.float32))
+        delta = self._op("MatMul", [self._op("MatMul", [x, a]), b], name=f"/model/layers.{i}/{group}/lora")
+        return self._op("Add", [y, delta])
 
     def _read_rows(self, names: list[str]) -> np.ndarray:
         arrays = [self.read(n) for n in names]
@@ -326,6 +347,7 @@ class DecoderGraph:
                 lambda: np.concatenate([self.read(f"{p}.{w}_proj.bias") for w in "qkv"]).astype(np.float32),
             )
         qkv = self._linear(x, f"{p}.qkv_proj", names, q_n + 2 * kv_n, c.hidden_size, storage, bias)
+        qkv = self._lora(x, qkv, i, "qkv_proj", q_n + 2 * kv_n, c.hidden_size)
         if c.qk_norm:
             q, k, v = self._op(
                 "Split",
@@ -356,7 +378,7 @@ class DecoderGraph:
         )
         o_name = f"{p}.o_proj.weight"
         y = self._linear(out, f"{p}.o_proj", [o_name], c.hidden_size, q_n, self.plan.for_linear([o_name]))
-        return y, present_k, present_v
+        return self._lora(out, y, i, "o_proj", c.hidden_size, q_n), present_k, present_v
 
     def _mlp(self, i: int, x):
         c = self.cfg
@@ -370,6 +392,7 @@ class DecoderGraph:
             c.hidden_size,
             self.plan.for_linear(gate_up_names),
         )
+        gate_up = self._lora(x, gate_up, i, "gate_up_proj", 2 * c.intermediate_size, c.hidden_size)
         gate, up = self._op(
             "Split",
             [gate_up, self._const(f"{p}.gate_up_split", np.array([c.intermediate_size] * 2, np.int64))],
@@ -378,9 +401,9 @@ class DecoderGraph:
         )
         act = self._op("Mul", [self._op("Mul", [gate, self._op("Sigmoid", [gate])]), up])
         down = f"{p}.down_proj.weight"
-        return self._linear(
-            act, f"{p}.down_proj", [down], c.hidden_size, c.intermediate_size, self.plan.for_linear([down])
-        )
+        storage = self.plan.for_linear([down])
+        y = self._linear(act, f"{p}.down_proj", [down], c.hidden_size, c.intermediate_size, storage)
+        return self._lora(act, y, i, "down_proj", c.hidden_size, c.intermediate_size)
 
     def _rotary_caches(self) -> tuple[ir.Value, ir.Value]:
         c = self.cfg
@@ -503,7 +526,7 @@ class DecoderGraph:
             use_node.replace_input_with(idx, keep_input)
         self.initializers.append(keep_input)
 
-        inputs = [input_ids, mask, *[v for pair in pasts for v in pair], keep_input]
+        inputs = [input_ids, mask, *[v for pair in pasts for v in pair], keep_input, *self.lora_inputs]
         graph = ir.Graph(
             inputs,
             [logits, *presents],

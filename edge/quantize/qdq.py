@@ -167,9 +167,17 @@ def quantize(
     `src_dir` holds the fp32 static graphs; `feeds` maps each graph name to captured inputs of that
     graph (see ``capture_feeds``). Returns the KV ranges used and the seconds taken.
     """
-    from onnxruntime.quantization import quantize_static
-    from onnxruntime.quantization.calibrate import save_tensors_data
-    from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
+    import onnxruntime
+
+    try:
+        from onnxruntime.quantization import quantize_static
+        from onnxruntime.quantization.calibrate import save_tensors_data
+        from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
+    except ImportError as e:  # onnxruntime-openvino 1.24 ships older quantization tools
+        raise QnnError(
+            f"onnxruntime {onnxruntime.__version__}'s quantization tools are too old for the QDQ step ({e}); "
+            "build static artifacts in the dev venv (bash scripts/setup.sh) and run them in this one"
+        ) from None
 
     src_dir, out_dir = Path(src_dir), Path(out_dir)
     reporter = report.current()

@@ -1,9 +1,17 @@
-"""Open an artifact directory and verify it against its manifest.json (size and sha256 of every file)."""
+"""Open an artifact directory and verify it against its manifest.json (size and sha256 of every file).
+
+A full check hashes every file; "auto" (the default) hashes only the files that changed since a check
+recorded them in a stamp in the app's cache (size, mtime, ctime, inode and device of each file next to the
+sha256 it matched), so an app start on an unchanged artifact reads no weights. With trusted keys the
+manifest's Ed25519 signature is checked at every open, before any file.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +19,7 @@ from .contract import (
     FORMAT,
     FORMAT_VERSION,
     MANIFEST,
+    MANIFEST_SIGNATURE,
     MODEL_FILE,
     TOKENIZER_CONFIG_FILE,
     TOKENIZER_FILE,
@@ -19,7 +28,8 @@ from .contract import (
 )
 from .errors import ArtifactError
 
-VERIFY_MODES = ("full", "size", "none")
+VERIFY_MODES = ("full", "size", "none", "auto")
+STAMP_VERSION = 1
 _CHUNK = 1 << 20
 
 
@@ -71,6 +81,53 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def cache_dir() -> Path:
+    """Where verification stamps go: ``$QWEN_EDGE_CACHE/verified``, else ``~/.cache/qwen-edge/verified``."""
+    return Path(os.environ.get("QWEN_EDGE_CACHE") or Path.home() / ".cache" / "qwen-edge") / "verified"
+
+
+def _identity(st: os.stat_result) -> list[int]:
+    # ctime too: a rewrite that restores mtime (os.utime) still moves it
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+
+
+class _Stamp:
+    """The files of one artifact directory that a full check found intact, and the file state it saw."""
+
+    def __init__(self, root: Path, manifest_sha256: str, stamp_dir: Path | None):
+        real = os.path.realpath(root)
+        self.path = (stamp_dir or cache_dir()) / (hashlib.sha256(real.encode("utf-8")).hexdigest()[:32] + ".json")
+        self.doc = {"version": STAMP_VERSION, "root": real, "manifest_sha256": manifest_sha256, "files": {}}
+        try:
+            old = json.loads(self.path.read_text(encoding="utf-8"))
+            if isinstance(old, dict) and old.get("version") == STAMP_VERSION and old.get("root") == real:
+                self.old = old.get("files") if isinstance(old.get("files"), dict) else {}
+            else:
+                self.old = {}
+        except (OSError, ValueError):
+            self.old = {}
+
+    def unchanged(self, name: str, sha256: str, st: os.stat_result) -> bool:
+        entry = self.old.get(name)
+        return isinstance(entry, dict) and entry.get("sha256") == sha256 and entry.get("stat") == _identity(st)
+
+    def record(self, name: str, sha256: str, st: os.stat_result) -> None:
+        self.doc["files"][name] = {"sha256": sha256, "stat": _identity(st)}
+
+    def save(self) -> None:
+        """Write the stamp atomically; an unwritable cache only costs the next open a full check."""
+        if self.doc["files"] == self.old:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".stamp.", suffix=".tmp")
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(self.doc, f)
+            os.replace(tmp, self.path)
+        except OSError:
+            pass
+
+
 class Artifact:
     """A verified artifact directory: manifest facts, profile and file paths."""
 
@@ -79,10 +136,22 @@ class Artifact:
         self.manifest = manifest
         self.model = ModelInfo.from_manifest(manifest.get("model") or {}, str(root / MANIFEST))
         self.profile: dict = dict(manifest.get("profile") or {})
+        self.signed_by: str | None = None  # key id of the trusted key whose signature was checked
+        self.hashed: list[str] = []  # the files this open hashed (the others matched the stamp)
 
     @classmethod
-    def open(cls, path: str | Path, verify: str = "full") -> "Artifact":
-        """Read manifest.json in `path` and check the listed files: "full" (size + sha256), "size", or "none"."""
+    def open(
+        cls,
+        path: str | Path,
+        verify: str = "auto",
+        trusted_keys=None,
+        stamp_dir: str | Path | None = None,
+    ) -> "Artifact":
+        """Read manifest.json in `path` and check the listed files: "full" (size + sha256 of every file),
+        "auto" (sha256 of the files changed since the last check, see the module doc), "size", or "none".
+
+        `trusted_keys` (public key paths or loaded Ed25519 keys): when given, manifest.json must carry a
+        valid signature (manifest.sig) by one of them. `stamp_dir` overrides where stamps go."""
         if verify not in VERIFY_MODES:
             raise ArtifactError(f"verify must be one of {', '.join(VERIFY_MODES)}, not {verify!r}")
         root = Path(path)
@@ -92,8 +161,9 @@ class Artifact:
         if not manifest_path.is_file():
             raise ArtifactError(f"{manifest_path} is missing; rebuild the artifact or re-copy the whole folder")
         try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            manifest_bytes = manifest_path.read_bytes()
+            manifest = json.loads(manifest_bytes.decode("utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
             raise ArtifactError(f"{manifest_path} is unreadable ({e}); rebuild the artifact or re-copy it") from None
         if not isinstance(manifest, dict):
             raise ArtifactError(f"{manifest_path} is not a JSON object; rebuild the artifact or re-copy it")
@@ -102,8 +172,17 @@ class Artifact:
                 f"{manifest_path}: format {manifest.get('format')!r} version {manifest.get('format_version')!r} "
                 f"is not {FORMAT!r} version {FORMAT_VERSION}; rebuild the artifact with this qwen-edge version"
             )
+        signed_by = None
+        if trusted_keys:
+            from . import signing
+
+            keys = signing.load_trusted_keys(trusted_keys)
+            doc = signing.read_signature(root / MANIFEST_SIGNATURE)
+            signed_by = signing.verify(manifest_bytes, doc, MANIFEST, keys, str(manifest_path))
         artifact = cls(root, manifest)
-        artifact._check_files(verify)
+        artifact.signed_by = signed_by
+        stamp = _Stamp(root, hashlib.sha256(manifest_bytes).hexdigest(), stamp_dir and Path(stamp_dir))
+        artifact._check_files(verify, stamp)
         return artifact
 
     @property
@@ -132,7 +211,7 @@ class Artifact:
     def tokenizer_config_path(self) -> Path:
         return self.path(TOKENIZER_CONFIG_FILE)
 
-    def _check_files(self, verify: str) -> None:
+    def _check_files(self, verify: str, stamp: _Stamp) -> None:
         files = self.files
         if not isinstance(files, dict):
             raise ArtifactError(f"{self.root / MANIFEST}: `files` is not a mapping; rebuild the artifact")
@@ -162,10 +241,20 @@ class Artifact:
                     f"{target} has {size} bytes, the manifest says {entry['size']} (truncated or altered); "
                     "rebuild the artifact or re-copy it"
                 )
-        if verify == "full":
-            for name, entry in files.items():
-                if sha256_file(self.root / name) != entry["sha256"]:
-                    raise ArtifactError(
-                        f"{self.root / name} does not match its sha256 in the manifest (altered or corrupted); "
-                        "rebuild the artifact or re-copy it"
-                    )
+        if verify == "size":
+            return
+        for name, entry in files.items():
+            target = self.root / name
+            before = target.stat()
+            if verify == "auto" and stamp.unchanged(name, entry["sha256"], before):
+                stamp.record(name, entry["sha256"], before)
+                continue
+            self.hashed.append(name)
+            if sha256_file(target) != entry["sha256"]:
+                raise ArtifactError(
+                    f"{target} does not match its sha256 in the manifest (altered or corrupted); "
+                    "rebuild the artifact or re-copy it"
+                )
+            if _identity(target.stat()) == _identity(before):  # not being rewritten while it was hashed
+                stamp.record(name, entry["sha256"], before)
+        stamp.save()

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from .artifact import MANIFEST
+from .contract import BUNDLE_SIGNATURE
 from .errors import QwenEdgeError
 
 BUNDLE_FORMAT = "qwen-edge-bundle"
@@ -420,6 +421,7 @@ class _Checked:
     table: dict[str, tuple[int, str]]
     members: dict[str, _Member]
     meta_bytes: bytes
+    signature: bytes | None  # bundle.sig, the one entry bundle.json cannot list (it signs bundle.json)
 
 
 def _central_directory_size(fp: BinaryIO) -> tuple[int, int] | None:
@@ -473,7 +475,7 @@ def _verify(fp: BinaryIO, path: Path) -> _Checked:
         if problem:
             raise _unsafe(path, name, f"{BUNDLE_JSON} lists it and {problem}")
     for name in names:
-        if name != BUNDLE_JSON and name not in table:
+        if name not in (BUNDLE_JSON, BUNDLE_SIGNATURE) and name not in table:
             raise _fail(path, f"{_q(name)} is in the archive but not listed in {BUNDLE_JSON} (added after packaging)")
     for name, (declared, _) in table.items():
         if name not in members:
@@ -516,7 +518,20 @@ def _verify(fp: BinaryIO, path: Path) -> _Checked:
         files=len(table) + 1,
         bytes=sum(size for size, _ in table.values()),
     )
-    return _Checked(report, table, members, meta_bytes)
+    signature = None
+    if BUNDLE_SIGNATURE in members:
+        from .signing import MAX_SIGNATURE_BYTES
+
+        signature = _read_small(fp, members[BUNDLE_SIGNATURE], MAX_SIGNATURE_BYTES, path)
+    return _Checked(report, table, members, meta_bytes, signature)
+
+
+def _check_signature(checked: _Checked, trusted_keys, path: Path) -> None:
+    """With trusted keys, bundle.sig must sign bundle.json with one of them (see `qwen_edge.signing`)."""
+    from . import signing
+
+    keys = signing.load_trusted_keys(trusted_keys)
+    signing.verify(checked.meta_bytes, checked.signature, BUNDLE_JSON, keys, str(path))
 
 
 def _open_bundle(path: Path) -> BinaryIO:
@@ -528,15 +543,19 @@ def _open_bundle(path: Path) -> BinaryIO:
         raise BundleError(f"{path} cannot be read ({e.strerror})") from None
 
 
-def verify_bundle(bundle: str | Path) -> BundleReport:
+def verify_bundle(bundle: str | Path, trusted_keys=None) -> BundleReport:
     """Check a bundle offline: a readable archive of safe, distinct, regular-file entries, a well-formed
     bundle.json, every listed file present with its size and sha256 (decompressed with a bound), nothing
     unlisted, and the embedded manifest.json consistent with it. Raises `BundleError` (`UnsafeBundleError`
-    for crafted bundles) with one line naming the entry."""
+    for crafted bundles) with one line naming the entry. With `trusted_keys` (public key paths or keys),
+    bundle.sig must sign bundle.json with one of them (`qwen_edge.signing.SignatureError` otherwise)."""
     path = Path(bundle)
     with _open_bundle(path) as fp:
         try:
-            return _verify(fp, path).report
+            checked = _verify(fp, path)
+            if trusted_keys:
+                _check_signature(checked, trusted_keys, path)
+            return checked.report
         except OSError as e:
             raise BundleError(f"{path} cannot be read ({e.strerror or e}); re-copy the bundle") from None
 
@@ -645,7 +664,7 @@ def _sibling(dest: Path, kind: str) -> Path:
             continue
 
 
-def unpack_bundle(bundle: str | Path, dest_dir: str | Path, *, force: bool = False) -> UnpackReport:
+def unpack_bundle(bundle: str | Path, dest_dir: str | Path, *, force: bool = False, trusted_keys=None) -> UnpackReport:
     """Verify `bundle` fully (`verify_bundle`), then extract its listed files and bundle.json into `dest_dir`.
 
     `dest_dir` must not exist or be empty; with `force` it may also hold an earlier unpacked bundle (it has a
@@ -653,7 +672,8 @@ def unpack_bundle(bundle: str | Path, dest_dir: str | Path, *, force: bool = Fal
     written through. Anything else is refused. The files are extracted into a new directory next to
     `dest_dir`, each written under a temporary name and renamed into place once its sha256 matched, with
     normal permissions (zip modes are ignored); only when all are written is that directory renamed to
-    `dest_dir`. On any failure it is removed and `dest_dir` is left as it was.
+    `dest_dir`. On any failure it is removed and `dest_dir` is left as it was. With `trusted_keys` the bundle's
+    signature is checked first, as in `verify_bundle`, and bundle.sig is unpacked too.
     """
     path = Path(bundle)
     dest = Path(os.path.abspath(dest_dir))
@@ -661,6 +681,8 @@ def unpack_bundle(bundle: str | Path, dest_dir: str | Path, *, force: bool = Fal
     with _open_bundle(path) as fp:
         try:
             checked = _verify(fp, path)
+            if trusted_keys:
+                _check_signature(checked, trusted_keys, path)
         except OSError as e:
             raise BundleError(f"{path} cannot be read ({e.strerror or e}); re-copy the bundle") from None
         need = checked.report.bytes + len(checked.meta_bytes)
@@ -680,6 +702,15 @@ def unpack_bundle(bundle: str | Path, dest_dir: str | Path, *, force: bool = Fal
                 BUNDLE_JSON,
                 path,
             )
+            if checked.signature is not None:
+                sig = checked.signature
+                _write_verified(
+                    _target(root, BUNDLE_SIGNATURE, path),
+                    (sig,),
+                    hashlib.sha256(sig).hexdigest(),
+                    BUNDLE_SIGNATURE,
+                    path,
+                )
             state = _check_dest(dest, force)  # again: it may have changed while the files were written
             if state == "empty":
                 os.rmdir(dest)

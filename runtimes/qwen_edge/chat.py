@@ -17,6 +17,8 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from .adapters import check_adapter
+from .constrain import Constraint, Grammar
 from .errors import ArtifactError, ContextOverflowError, QwenEdgeError
 from .generator import Generation, Generator
 from .sampling import SamplingParams
@@ -153,7 +155,9 @@ class ChatPrompt:
 class ChatSession:
     """Conversations with one Generator: the chat template, Qwen3 thinking mode and budget, and a
     multi-turn history whose KV cache carries over between turns (`send`). `prompt` + `generate`
-    serve a conversation given whole (the server's requests) with the same template and budget."""
+    serve a conversation given whole (the server's requests) with the same template and budget.
+    `adapter` names the switchable LoRA adapter its replies use (None: the base model); sessions with
+    different adapters may share one Generator, which forgets its cache when the adapter changes."""
 
     def __init__(
         self,
@@ -161,8 +165,11 @@ class ChatSession:
         system: str | None = None,
         enable_thinking: bool | None = None,
         thinking_budget: int | None = None,
+        adapter: str | None = None,
     ):
+        check_adapter(generator.artifact, adapter)
         self.generator = generator
+        self.adapter = adapter
         self.template = ChatTemplate.from_tokenizer_config(generator.artifact.tokenizer_config_path)
         self.system = system
         self.enable_thinking = enable_thinking
@@ -211,13 +218,22 @@ class ChatSession:
         max_new_tokens: int = 256,
         stop_strings: Sequence[str] = (),
         thinking_budget: int | None = None,
+        grammar: Grammar | None = None,
     ) -> Generation:
-        """Start the reply to a rendered conversation; `thinking_budget` overrides the session's."""
+        """Start the reply to a rendered conversation; `thinking_budget` overrides the session's. A
+        `grammar` (qwen_edge.constrain) holds the answer to it; a Qwen3 reply's thinking stays free."""
         budget = self.thinking_budget if thinking_budget is None else self._check_budget(thinking_budget)
         hook = None
         if budget is not None and prompt.enable_thinking is not False:
             hook = _ThinkingBudget(budget, *self._think_ids, self._close_ids, prompt.thinking)
-        return self.generator.generate(prompt.ids, params, max_new_tokens, stop_strings=stop_strings, on_token=hook)
+        constraint = None
+        if grammar is not None:
+            thinks = self.has_thinking and (prompt.thinking or prompt.enable_thinking is not False)
+            constraint = Constraint(grammar, self.generator, (*self._think_ids, prompt.thinking) if thinks else None)
+        self.generator.set_adapter(self.adapter)
+        return self.generator.generate(
+            prompt.ids, params, max_new_tokens, stop_strings=stop_strings, on_token=hook, constraint=constraint
+        )
 
     def send(
         self,
@@ -225,13 +241,14 @@ class ChatSession:
         params: SamplingParams = SamplingParams(),
         max_new_tokens: int = 256,
         stop_strings: Sequence[str] = (),
+        grammar: Grammar | None = None,
     ) -> Iterator[str]:
         """Add a user turn and stream the reply's text pieces; the reply (without its thinking) is
         recorded in the history when the stream ends or is closed. `self.last` is the Generation."""
         self.messages.append({"role": "user", "content": user_text})
         try:
             prompt = self.prompt(self.messages)
-            gen = self.generate(prompt, params, max_new_tokens, stop_strings)
+            gen = self.generate(prompt, params, max_new_tokens, stop_strings, grammar=grammar)
         except ContextOverflowError:
             self.messages.pop()
             raise ContextOverflowError(

@@ -14,10 +14,12 @@ import numpy as np
 from . import __version__
 from .artifact import VERIFY_MODES, Artifact
 from .chat import ChatSession
+from .constrain import Constraint, load_grammar
 from .errors import QwenEdgeError
 from .generator import Generation, Generator
 from .memory import peak_rss_mb
 from .sampling import SamplingParams
+from .speculative import DraftModel, PromptLookup, Speculator
 
 BUILD_HINT = "pip install 'qwen-edge[build]'"
 
@@ -26,7 +28,28 @@ BUILD_HINT = "pip install 'qwen-edge[build]'"
 
 
 def _open(args) -> Generator:
-    return Generator(Artifact.open(args.artifact, verify=args.verify), max_length=args.max_length)
+    gen = Generator(_open_artifact(args), max_length=args.max_length)
+    gen.speculator = _speculator(args, gen)
+    return gen
+
+
+def _speculator(args, gen: Generator) -> Speculator | None:
+    """The speculator `--lookup` or `--draft ARTIFACT` asks for (None without either)."""
+    lookup, draft, k = args.lookup, args.draft, args.draft_tokens
+    if lookup and draft:
+        raise QwenEdgeError("--lookup and --draft are two ways to draft tokens; give one of them")
+    if k is not None and not (lookup or draft):
+        raise QwenEdgeError("--draft-tokens sets the draft length of --lookup or --draft; give one of them")
+    if lookup:
+        return PromptLookup(k=k or 10)
+    if draft:
+        art = Artifact.open(draft, verify=args.verify)
+        return DraftModel(Generator(art, max_length=min(gen.max_length, art.model.context_length)), gen, k=k or 4)
+    return None
+
+
+def _open_artifact(args) -> Artifact:
+    return Artifact.open(args.artifact, verify=args.verify, trusted_keys=args.trusted_key)
 
 
 def _params(args) -> SamplingParams:
@@ -41,7 +64,9 @@ def _params(args) -> SamplingParams:
 
 
 def _chat_session(args, gen: Generator) -> ChatSession:
-    return ChatSession(gen, system=args.system, enable_thinking=args.think, thinking_budget=args.thinking_budget)
+    return ChatSession(
+        gen, system=args.system, enable_thinking=args.think, thinking_budget=args.thinking_budget, adapter=args.adapter
+    )
 
 
 def _stream(pieces: Iterable[str]) -> None:
@@ -70,6 +95,7 @@ def _report(gen: Generation) -> None:
 
 def cmd_run(args) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    grammar = load_grammar(args.json_schema, args.regex, args.grammar)
     gen = _open(args)
     params = _params(args)
     if args.no_chat_template:
@@ -77,11 +103,15 @@ def cmd_run(args) -> int:
             raise QwenEdgeError(
                 "--system, --think and --thinking-budget need the chat template; drop --no-chat-template"
             )
-        result = gen.generate(gen.encode(prompt, add_special_tokens=True), params, args.max_new_tokens)
+        constraint = Constraint(grammar, gen) if grammar else None
+        gen.set_adapter(args.adapter)
+        result = gen.generate(
+            gen.encode(prompt, add_special_tokens=True), params, args.max_new_tokens, constraint=constraint
+        )
         _stream(result)
     else:
         chat = _chat_session(args, gen)
-        _stream(chat.send(prompt, params, args.max_new_tokens))
+        _stream(chat.send(prompt, params, args.max_new_tokens, grammar=grammar))
         result = chat.last
     _report(result)
     return 0
@@ -146,7 +176,7 @@ def _flat(value, top: bool = True) -> str:
 
 
 def cmd_inspect(args) -> int:
-    art = Artifact.open(args.artifact, verify=args.verify)
+    art = _open_artifact(args)
     m = art.manifest
     if args.json:
         print(json.dumps(m, indent=2, ensure_ascii=False))
@@ -209,15 +239,25 @@ def _spread(values: list[float]) -> dict:
 def cmd_bench(args) -> int:
     if min(args.p, args.n, args.r) < 1:
         raise QwenEdgeError("-p, -n and -r must each be at least 1")
-    art = Artifact.open(args.artifact, verify=args.verify)
-    max_length = args.max_length or min(art.model.context_length, args.p + args.n)
-    if args.p + args.n > max_length:
+    art = _open_artifact(args)
+    max_length = args.max_length or min(art.model.context_length, 4096 if args.prompt_file else args.p + args.n)
+    if not args.prompt_file and args.p + args.n > max_length:
         raise QwenEdgeError(
             f"-p {args.p} + -n {args.n} exceed the context of {max_length} tokens; lower -p/-n or raise --max-length"
         )
     gen = Generator(art, max_length=max_length)
-    vocab = gen.tokenizer.get_vocab_size(with_added_tokens=False)
-    prompt = np.random.default_rng(0).integers(0, vocab, size=args.p, dtype=np.int64)
+    gen.speculator = _speculator(args, gen)
+    if args.prompt_file:  # a real task (speculation needs one): the file's text as one user message
+        with open(args.prompt_file, encoding="utf-8") as f:
+            prompt = np.asarray(ChatSession(gen).prompt([{"role": "user", "content": f.read()}]).ids, dtype=np.int64)
+        if prompt.size + args.n > max_length:
+            raise QwenEdgeError(
+                f"{args.prompt_file} is {prompt.size} tokens; with -n {args.n} it exceeds the context of "
+                f"{max_length}; raise --max-length or lower -n"
+            )
+    else:
+        vocab = gen.tokenizer.get_vocab_size(with_added_tokens=False)
+        prompt = np.random.default_rng(0).integers(0, vocab, size=args.p, dtype=np.int64)
     greedy = SamplingParams()
 
     def once(ids, n):
@@ -234,14 +274,17 @@ def cmd_bench(args) -> int:
     result = {
         "model": art.model.family,
         "precision": art.manifest.get("precision"),
-        "prompt_tokens": args.p,
+        "prompt_tokens": int(prompt.size),
         "new_tokens": args.n,
         "repetitions": args.r,
         "ttft_ms": ttft["median"],
         "prefill_tps": prefill["median"],
         "decode_tps": decode["median"],
         "spread": {"ttft_ms": ttft, "prefill_tps": prefill, "decode_tps": decode},
-        "peak_rss_mb": peak_rss_mb(),
+        # decode_tps with speculation is the effective rate: generated tokens over decode time
+        "speculation": "lookup" if args.lookup else f"draft {args.draft}" if args.draft else None,
+        "acceptance_rate": statistics.median(s.acceptance_rate for s in runs) if gen.speculator else None,
+        "peak_rss_mb": peak_rss_mb(),  # the process's peak: the draft model's too
         "threads": art.profile.get("intra_op_num_threads", 0),
         "execution_provider": art.profile.get("execution_provider", "cpu"),
     }
@@ -250,7 +293,10 @@ def cmd_bench(args) -> int:
         return 0
     print(f"| {'test':<8} | {'median':>10} | {'min':>10} | {'max':>10} |")
     print(f"| {'-' * 8} | {'-' * 10} | {'-' * 10} | {'-' * 10} |")
-    for label, stats, unit in ((f"pp{args.p}", prefill, "t/s"), (f"tg{args.n}", decode, "t/s"), ("ttft", ttft, "ms")):
+    rows = [(f"pp{prompt.size}", prefill, "t/s"), (f"tg{args.n}", decode, "t/s"), ("ttft", ttft, "ms")]
+    if gen.speculator:
+        rows.append(("accept", _spread([100 * s.acceptance_rate for s in runs]), "%"))
+    for label, stats, unit in rows:
         cells = " | ".join(f"{stats[k]:>6.1f} {unit:<3}" for k in ("median", "min", "max"))
         print(f"| {label:<8} | {cells} |")
     rss = result["peak_rss_mb"]
@@ -266,12 +312,32 @@ def cmd_bench(args) -> int:
 
 
 def cmd_verify(args) -> int:
+    from pathlib import Path
+
     from .bundle import verify_bundle
 
-    r = verify_bundle(args.bundle)
+    signed = f", signature by a trusted key ({len(args.key)} given)" if args.key else ""
+    if Path(args.bundle).is_dir():
+        art = Artifact.open(args.bundle, verify="full", trusted_keys=args.key)
+        total = sum(int(e["size"]) for e in art.files.values())
+        signed = f", signed by key {art.signed_by}" if art.signed_by else ""
+        print(f"OK {art.root}: artifact, {len(art.files)} files, {_size(total)} verified (size + sha256){signed}")
+        return 0
+    r = verify_bundle(args.bundle, trusted_keys=args.key)
     print(
         f"OK {r.path}: {r.target} bundle of {r.recipe}, licence {r.license_id}, "
-        f"{r.files} files, {_size(r.bytes)} verified (size + sha256)"
+        f"{r.files} files, {_size(r.bytes)} verified (size + sha256){signed}"
+    )
+    return 0
+
+
+def cmd_keygen(args) -> int:
+    from .signing import generate_key
+
+    private, public, kid = generate_key(args.key)
+    print(
+        f"OK key {kid}: private key {private} (keep it secret; `build`/`package --sign {private}`), "
+        f"public key {public} (ship it; `verify --key`, `--trusted-key`)"
     )
     return 0
 
@@ -279,7 +345,7 @@ def cmd_verify(args) -> int:
 def cmd_unpack(args) -> int:
     from .bundle import unpack_bundle
 
-    u = unpack_bundle(args.bundle, args.dir, force=args.force)
+    u = unpack_bundle(args.bundle, args.dir, force=args.force, trusted_keys=args.key)
     r = u.bundle
     print(
         f"OK {r.path} -> {u.dest}{' (replaced)' if u.replaced else ''}: {r.target} bundle of {r.recipe}, "
@@ -291,11 +357,57 @@ def cmd_unpack(args) -> int:
 # -- serve ---------------------------------------------------------------------------------------
 
 
+def _serve_web(args) -> int:
+    from .webpage import WebServer
+
+    artifact = _open_artifact(args)  # checked here; the page checks every file's sha256 again
+    server = WebServer(artifact.root, args.host, args.port, quiet=args.quiet)
+    print(f"qwen-edge serve --web: chat page for {artifact.root} at {server.url} (Ctrl-C stops)", file=sys.stderr)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("\nqwen-edge serve: stopped", file=sys.stderr)
+    finally:
+        server.server_close()
+    return 0
+
+
+def _hardening(args):
+    """The server's Limits and Guard from the serve flags."""
+    import os
+
+    from .server import Guard, Limits
+
+    for flag in ("max_tokens_cap", "max_body_mb", "max_messages", "request_timeout", "wait_timeout"):
+        value = getattr(args, flag)
+        if value is not None and value <= 0:
+            raise QwenEdgeError(f"--{flag.replace('_', '-')} must be positive, not {value}")
+    if args.queue < 0:
+        raise QwenEdgeError(f"--queue must be 0 or more, not {args.queue}")
+    limits = Limits(
+        max_tokens=args.max_tokens_cap,
+        max_body=int(args.max_body_mb * (1 << 20)),
+        max_messages=args.max_messages,
+        max_waiting=args.queue,
+        wait_timeout=args.wait_timeout,
+        request_timeout=args.request_timeout,
+    )
+    return limits, Guard(args.api_key or os.environ.get("QWEN_EDGE_API_KEY"), tuple(args.allow_origin))
+
+
 def cmd_serve(args) -> int:
+    if args.web:
+        return _serve_web(args)
     from .server import ChatServer, Engine
 
+    limits, guard = _hardening(args)  # bad flags fail before the model loads
     engine = Engine(_open(args), model_id=args.model_id, thinking_budget=args.thinking_budget)
-    server = ChatServer(engine, args.host, args.port, quiet=args.quiet)
+    server = ChatServer(engine, args.host, args.port, quiet=args.quiet, limits=limits, guard=guard)
+    if guard.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(
+            f"qwen-edge serve: warning: {args.host} is reachable from other machines and no --api-key is set",
+            file=sys.stderr,
+        )
     print(
         f"qwen-edge serve: model {engine.model_id!r} (context {engine.generator.max_length}) at {server.url} "
         "(OpenAI-compatible; Ctrl-C stops)",
@@ -334,8 +446,16 @@ def _add_artifact_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--verify",
         choices=VERIFY_MODES,
-        default="full",
-        help="check files against manifest.json: size + sha256 (full), size only, or none (default full)",
+        default="auto",
+        help="check files against manifest.json: size + sha256 of every file (full), sha256 of the files changed "
+        "since the last check (auto, the default), size only, or none",
+    )
+    p.add_argument(
+        "--trusted-key",
+        action="append",
+        default=[],
+        metavar="PUB",
+        help="Ed25519 public key (`qwen-edge keygen`'s .pub); the artifact must be signed by one (repeatable)",
     )
     p.add_argument(
         "--max-length",
@@ -345,7 +465,25 @@ def _add_artifact_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_speculation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--lookup",
+        action="store_true",
+        help="speculative decoding with prompt lookup: draft from n-grams of the prompt and the reply (same output)",
+    )
+    p.add_argument(
+        "--draft",
+        metavar="ARTIFACT",
+        default=None,
+        help="speculative decoding with a smaller draft artifact of the same tokenizer (same output)",
+    )
+    p.add_argument(
+        "--draft-tokens", type=int, default=None, help="initial draft length, adapted as it goes (default 10 / 4)"
+    )
+
+
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    _add_speculation_args(p)
     p.add_argument("--max-new-tokens", type=int, default=256, help="tokens to generate at most (default 256)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
@@ -363,6 +501,7 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--thinking-budget", type=int, default=None, help="Qwen3: close thinking after this many tokens and answer"
     )
+    p.add_argument("--adapter", default=None, metavar="NAME", help="switchable LoRA adapter of the artifact to use")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -376,6 +515,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", help="the prompt text, or - to read it from stdin")
     _add_generation_args(p)
     p.add_argument("--no-chat-template", action="store_true", help="raw completion of the prompt, no chat template")
+    p.add_argument("--json-schema", metavar="FILE", help="hold the reply to this JSON schema (qwen-edge[constrained])")
+    p.add_argument("--regex", metavar="PATTERN", help="hold the reply to this regular expression")
+    p.add_argument("--grammar", metavar="FILE", help="hold the reply to this Lark grammar (llguidance's dialect)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("chat", help="interactive multi-turn chat on stdin/stdout")
@@ -390,6 +532,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="measure time to first token, prefill and decode speed")
     _add_artifact_args(p)
+    _add_speculation_args(p)
+    p.add_argument("--prompt-file", default=None, help="a task's text as one chat message instead of -p random tokens")
     p.add_argument("-p", type=int, default=512, help="prompt tokens (default 512)")
     p.add_argument("-n", type=int, default=128, help="generated tokens (default 128)")
     p.add_argument("-r", type=int, default=3, help="repetitions after one warm-up (default 3)")
@@ -398,15 +542,47 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="local OpenAI-compatible server: /v1/chat/completions and /v1/models")
     _add_artifact_args(p)
+    _add_speculation_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 picks a free one)")
     p.add_argument("--model-id", default=None, help="model id clients send (default: the artifact's recipe name)")
     p.add_argument("--quiet", action="store_true", help="do not log each request to stderr")
     p.add_argument(
+        "--web",
+        action="store_true",
+        help="serve the browser chat page at /web/ and the artifact (or unpacked web bundle) statically instead: "
+        "the model runs in the browser (onnxruntime-web)",
+    )
+    p.add_argument(
         "--thinking-budget",
         type=int,
         default=None,
         help="Qwen3: close thinking after this many tokens (requests may set thinking_budget)",
+    )
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="require `Authorization: Bearer KEY` on every request (default: $QWEN_EDGE_API_KEY, else none)",
+    )
+    p.add_argument(
+        "--allow-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="web page origin allowed to call the server (CORS), e.g. http://localhost:3000, or * (repeatable; "
+        "default none: browser requests are refused)",
+    )
+    p.add_argument("--max-tokens-cap", type=int, default=None, help="most tokens one request may generate")
+    p.add_argument("--max-body-mb", type=float, default=16, help="largest request body in MiB (default 16)")
+    p.add_argument("--max-messages", type=int, default=512, help="most messages in one request (default 512)")
+    p.add_argument(
+        "--queue", type=int, default=32, help="requests that may wait for the model; more get 503 (default 32)"
+    )
+    p.add_argument(
+        "--wait-timeout", type=float, default=120, help="seconds a request may wait for its turn (default 120)"
+    )
+    p.add_argument(
+        "--request-timeout", type=float, default=600, help="seconds a request may take in all (default 600)"
     )
     p.set_defaults(func=cmd_serve)
 
@@ -422,11 +598,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the resolved recipe, profile and backend plan (an Olive recipe's workflow config) "
         "as JSON and build nothing",
     )
+    p.add_argument("--sign", default=None, metavar="KEY", help="sign manifest.json with this Ed25519 private key")
     p.set_defaults(func=_edge_command("build"))
 
     p = sub.add_parser("eval", help="measure an artifact's fidelity against the fp32 model (needs qwen-edge[build])")
     p.add_argument("artifact", help="artifact directory")
     p.add_argument("--reference", default=None, help="reference source (default: the manifest's source)")
+    p.add_argument(
+        "--tasks", action="store_true", help="task pass rates (coding, multilingual) instead of logit fidelity"
+    )
+    p.add_argument("--full", action="store_true", help="with --tasks: the full suites")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_edge_command("evaluate"))
 
@@ -446,11 +627,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--license", default=None, help="the model's LICENSE file (needed for non-Apache models without one)"
     )
     p.add_argument("--license-id", default=None, help="the model's licence id, e.g. Apache-2.0 or qwen-research")
+    p.add_argument("--sign", default=None, metavar="KEY", help="sign bundle.json with this Ed25519 private key")
     p.set_defaults(func=_edge_command("package"))
 
-    p = sub.add_parser("verify", help="check a bundle offline: every file's size and sha256")
-    p.add_argument("bundle", help="bundle .zip written by `qwen-edge package`")
+    p = sub.add_parser("verify", help="check a bundle or an artifact offline: every file's size and sha256")
+    p.add_argument("bundle", help="bundle .zip written by `qwen-edge package`, or an artifact directory")
+    p.add_argument(
+        "--key",
+        action="append",
+        default=[],
+        metavar="PUB",
+        help="Ed25519 public key; the bundle/artifact must be signed by one of these (repeatable)",
+    )
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("keygen", help="write a new Ed25519 signing key pair: KEY (private) and KEY.pub")
+    p.add_argument("key", help="private key file to create (KEY.pub is written beside it); never overwritten")
+    p.set_defaults(func=cmd_keygen)
 
     p = sub.add_parser("unpack", help="verify a bundle, then extract it safely into a new directory")
     p.add_argument("bundle", help="bundle .zip written by `qwen-edge package`")
@@ -459,6 +652,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--force",
         action="store_true",
         help="replace the directory if it holds an earlier unpacked bundle (anything else is refused)",
+    )
+    p.add_argument(
+        "--key", action="append", default=[], metavar="PUB", help="Ed25519 public key the bundle must be signed by"
     )
     p.set_defaults(func=cmd_unpack)
     return parser

@@ -28,6 +28,16 @@ STATIC_GRAPHS = ("prefill", "decode")  # an NPU artifact's two graphs, in the or
 STATIC_GRAPH_FILES = {name: f"{name}.onnx" for name in STATIC_GRAPHS}
 ALIGNMENT = 4096  # external data offsets, aligned for memory mapping
 
+# signatures: a detached Ed25519 signature beside the JSON whose file table covers every other file
+MANIFEST_SIGNATURE = "manifest.sig"  # beside manifest.json in an artifact
+BUNDLE_SIGNATURE = "bundle.sig"  # beside bundle.json in a bundle (the one entry bundle.json cannot list)
+SIGNATURE_FORMAT = "qwen-edge-signature"
+SIGNATURE_VERSION = 1
+SIGNATURE_ALGORITHM = "ed25519"
+# what is signed: this prefix, the signed file's name, a newline, then the file's exact bytes (the
+# prefix and name keep a signature of one file from being replayed as another's)
+SIGNATURE_CONTEXT = b"qwen-edge signature v1\n"
+
 # cache layouts (manifest/genai_config: how the graph holds its KV cache)
 SHARED = "shared"  # one past/present buffer of max_length bound as both (GroupQueryAttention)
 GROWING = "growing"  # present = past + this step (plain-operator graphs of the olive/optimum backends)
@@ -108,3 +118,26 @@ def static_graph_files(manifest: dict) -> dict[str, str]:
 def graph_files(manifest: dict) -> tuple[str, ...]:
     """The ONNX graph files an artifact must hold."""
     return tuple(static_graph_files(manifest).values()) if manifest.get(STATIC_BLOCK) else (MODEL_FILE,)
+
+
+# LoRA adapters of a switchable artifact (manifest block ADAPTERS_BLOCK: {name: {file, rank, ...}})
+ADAPTERS_BLOCK = "adapters"
+ADAPTERS_DIR = "adapters"  # adapters/<name>.npz
+ADAPTER_SUFFIX = ".npz"
+ADAPTER_KEY_A = "layers.%d.%s.a"  # in the .npz: A transposed [in, r] of one layer's linear (q_proj, ...)
+ADAPTER_KEY_B = "layers.%d.%s.b"  # scale * B transposed [r, out]
+# graph inputs with zero-rank defaults (overridable initializers): each fused linear's LoRA, its parts
+# concatenated along the rank (A) and block-diagonal (B), so "no adapter" runs the base graph's numbers.
+LORA_A = "lora.%d.%s.a"  # [in, rank]
+LORA_B = "lora.%d.%s.b"  # [rank, out]
+LORA_GROUPS = {
+    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+    "o_proj": ("o_proj",),
+    "gate_up_proj": ("gate_proj", "up_proj"),
+    "down_proj": ("down_proj",),
+}
+
+
+def adapter_file(name: str) -> str:
+    """The artifact-relative file of a switchable adapter."""
+    return f"{ADAPTERS_DIR}/{name}{ADAPTER_SUFFIX}"

@@ -26,6 +26,7 @@ from .detokenize import Detokenizer
 from .errors import ArtifactError, ContextOverflowError, QwenEdgeError
 from .runner import Runner, open_runner
 from .sampling import Sampler, SamplingParams
+from .speculative import Speculator, verify
 
 
 @dataclass
@@ -39,6 +40,12 @@ class GenerationStats:
     prefill_s: float = 0.0
     ttft_s: float = 0.0
     decode_s: float = 0.0
+    drafted: int = 0  # speculative draft tokens verified by the target
+    accepted: int = 0  # of which the target kept
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
 
     @property
     def prefill_tps(self) -> float:
@@ -106,6 +113,17 @@ class _StopFilter:
         return held
 
 
+def _told(constraint, on_token):
+    """`on_token` that also tells the constraint each accepted token and the tokens forced after it."""
+
+    def hook(token: int):
+        forced = on_token(token) if on_token else None
+        constraint.accept([token, *(forced or ())])
+        return forced
+
+    return hook
+
+
 class Generator:
     """The one generation loop: tokens in the cache, sampling, stops and the context policy, over the
     runner an artifact needs (qwen_edge.runner: shared, growing or static KV cache).
@@ -113,7 +131,9 @@ class Generator:
     `generate(ids)` takes the whole sequence (e.g. the full rendered conversation): the longest prefix
     already in the cache is kept and only the rest is fed, in chunks of the runner's `prefill_chunk`.
     One generation runs at a time: starting a new one abandons the previous one. `runner` replaces
-    the default one (e.g. a StaticRunner over sessions already made).
+    the default one (e.g. a StaticRunner over sessions already made). With a `speculator`
+    (qwen_edge.speculative) each step verifies its drafts in one multi-token run; the tokens stay
+    those of plain decoding (greedy) or of its distribution (sampling).
     """
 
     def __init__(
@@ -122,6 +142,7 @@ class Generator:
         max_length: int | None = None,
         prefill_chunk: int | None = None,
         runner: Runner | None = None,
+        speculator: Speculator | None = None,
     ):
         self.artifact = artifact
         try:
@@ -135,6 +156,7 @@ class Generator:
         self.eos_token_ids = tuple(artifact.model.eos_token_ids)
         self._tokens = np.zeros(self.max_length, dtype=np.int64)
         self._pos = 0
+        self.speculator = speculator
 
     @property
     def prefill_chunk(self) -> int:
@@ -157,6 +179,21 @@ class Generator:
     def reset(self) -> None:
         """Forget the cache (no memory is released or cleared)."""
         self._pos = 0
+
+    @property
+    def adapter(self) -> str | None:
+        """The switchable LoRA adapter in use (None: the base model)."""
+        return getattr(self.runner, "adapter", None)
+
+    def set_adapter(self, name: str | None) -> None:
+        """Use switchable adapter `name` (None: the base model). A switch forgets the cache: its keys
+        and values belong to the adapter that computed them."""
+        if name == self.adapter:
+            return
+        if not hasattr(self.runner, "set_adapter"):
+            raise QwenEdgeError(f"artifact {self.artifact.root} takes no adapters (its graphs are static)")
+        self.runner.set_adapter(name)
+        self.reset()
 
     def truncate(self, n: int) -> None:
         """Roll the cache back to its first `n` tokens."""
@@ -203,6 +240,7 @@ class Generator:
         stop_strings: Sequence[str] = (),
         stop_token_ids: Iterable[int] | None = None,
         on_token: Callable[[int], Sequence[int] | None] | None = None,
+        constraint=None,
     ) -> Generation:
         """Generate after the whole sequence `prompt_ids` (its cached prefix is reused).
 
@@ -210,6 +248,7 @@ class Generator:
         eos ids; not emitted), at a stop string (not emitted; text that may begin one is held back),
         after `max_new_tokens`, or at the end of the context. `on_token(id)` may return token ids to
         force after a sampled token (e.g. closing a thinking block); they count as generated.
+        A `constraint` (qwen_edge.constrain) masks every pick and is told every token, forced ones too.
         """
         ids = np.asarray(prompt_ids, dtype=np.int64).reshape(-1)
         if ids.size == 0:
@@ -229,7 +268,10 @@ class Generator:
             )
         stops = frozenset(self.eos_token_ids if stop_token_ids is None else stop_token_ids)
         gen = Generation(_pieces=iter(()))
-        gen._pieces = self._run(gen, ids, Sampler(params), max_new_tokens, _StopFilter(stop_strings), stops, on_token)
+        sampler = Sampler(params, mask=constraint.mask if constraint is not None else None)
+        if constraint is not None:
+            on_token = _told(constraint, on_token)
+        gen._pieces = self._run(gen, ids, sampler, max_new_tokens, _StopFilter(stop_strings), stops, on_token)
         return gen
 
     def _run(self, gen: Generation, ids, sampler: Sampler, max_new: int, stop_text: _StopFilter, stops, on_token):
@@ -243,8 +285,17 @@ class Generator:
         penalize = sampler.uses_history
         detok = Detokenizer(self.tokenizer)
         t_first = t_last = None
+        spec = self.speculator
+        if spec is not None:
+            spec.start(sampler.params)
+        # drafts in the cache past the last kept token, the logits row after each, their draft distributions
+        ahead, rows, probs, kept_now = [], [], None, 0
         while True:
-            token = sampler(logits, self._tokens[: self._pos] if penalize else None)
+            seen = self._tokens[: self._pos - len(ahead)] if penalize else None
+            if ahead:
+                token = verify(sampler, logits, seen, ahead[0], probs[len(rows) - len(ahead)] if probs else None)
+            else:
+                token = sampler(logits, seen)
             t_last = time.perf_counter()
             if t_first is None:
                 t_first = t_last
@@ -265,7 +316,14 @@ class Generator:
             if len(gen.token_ids) >= max_new:
                 gen.finish_reason = "max_tokens"
                 break
-            if self._pos + len(new) > self.max_length:
+            kept = bool(ahead) and token == ahead[0]
+            if kept:  # already in the cache, and its logits row computed
+                ahead.pop(0)
+                logits = rows[len(rows) - len(ahead) - 1]
+                stats.accepted += 1
+                kept_now += 1
+            feed = new[1:] if kept else new
+            if self._pos - len(ahead) + len(feed) > self.max_length:
                 gen.finish_reason = "length"
                 gen.notice = (
                     f"stopped at the end of the context ({self.max_length} tokens) after {len(gen.token_ids)} new "
@@ -273,7 +331,28 @@ class Generator:
                     "longer context"
                 )
                 break
-            logits = self.append(new)
+            if kept and not feed:
+                continue
+            if ahead:  # drafts rejected (or overtaken by forced tokens): roll the cache back over them
+                self.truncate(self._pos - len(ahead))
+                ahead = []
+            if spec is None:
+                logits = self.append(feed)
+                continue
+            if rows:
+                spec.feedback(len(rows), kept_now)
+            context = np.concatenate([self._tokens[: self._pos], np.asarray(feed, dtype=np.int64)])
+            draft = spec.propose(context, self.max_length - context.size)
+            if not draft.tokens:
+                rows = []
+                logits = self.append(feed)
+                continue
+            out = self.append([*feed, *draft.tokens], all_logits=True)
+            logits, rows, ahead, probs = out[len(feed) - 1], list(out[len(feed) :]), list(draft.tokens), draft.probs
+            stats.drafted += len(ahead)
+            kept_now = 0
+        if ahead:
+            self.truncate(self._pos - len(ahead))
         stats.decode_s = t_last - t_first
         tail = stop_text.flush()
         if tail:

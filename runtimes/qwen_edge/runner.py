@@ -21,6 +21,7 @@ import numpy as np
 import onnxruntime as ort
 
 from . import contract as c
+from .adapters import lora_feeds
 from .artifact import Artifact
 from .errors import ArtifactError, ContextOverflowError, QwenEdgeError, RuntimeMissingError
 from .kv_cache import GrowingKVCache, HostKVCache, SharedKVCache
@@ -120,6 +121,28 @@ class DecoderRunner:
         self.cache = strategy(b, dict(zip(past, present)), shape, dtype)
         self._ones = np.ones(self.max_length, dtype=np.int64)
         self._positions = np.arange(self.max_length, dtype=np.int64) if self.has_position_ids else None
+        self._artifact = artifact
+        self._lora_shapes = {
+            i.name: i.shape for i in self.session.get_overridable_initializers() if i.name.startswith("lora.")
+        }
+        self._adapters: dict[str | None, list] = {}  # bound OrtValues of each adapter used so far
+        self.adapter: str | None = None
+
+    def set_adapter(self, name: str | None) -> None:
+        """Bind switchable adapter `name`'s LoRA tensors (None: the base model). The cache still holds
+        the previous adapter's keys and values: the caller must not reuse them."""
+        if name == self.adapter:
+            return
+        if not self._lora_shapes:
+            raise QwenEdgeError(
+                f"artifact {self._artifact.root} takes no adapters; build it with adapter mode switchable"
+            )
+        if name not in self._adapters:
+            feeds = lora_feeds(self._artifact, name, self._lora_shapes)
+            self._adapters[name] = [(n, ort.OrtValue.ortvalue_from_numpy(a)) for n, a in feeds.items()]
+        for n, value in self._adapters[name]:
+            self._binding.bind_ortvalue_input(n, value)
+        self.adapter = name
 
     def forward(self, ids: np.ndarray, pos: int, all_logits: bool = False) -> np.ndarray:
         """Run `ids` after the first `pos` cached positions, `prefill_chunk` tokens per run."""

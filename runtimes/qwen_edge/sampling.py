@@ -186,12 +186,17 @@ class Sampler:
         """Whether a pick needs the sequence so far (the repetition penalty does)."""
         return self.params.repetition_penalty != 1.0
 
-    def __call__(self, logits: np.ndarray, seen: np.ndarray | None = None) -> int:
-        """Pick a token from a 1-D float logits row; `seen` holds the token ids of the sequence so far
-        (prompt and generated) for the repetition penalty. `logits` is never modified."""
+    def candidates(self, logits: np.ndarray, seen: np.ndarray | None = None) -> Candidates:
+        """The candidates the chain leaves for a logits row (speculative verification needs their probabilities)."""
         cand = Candidates(logits)
         for processor in self.chain:
             processor(cand, seen)
+        return cand
+
+    def __call__(self, logits: np.ndarray, seen: np.ndarray | None = None) -> int:
+        """Pick a token from a 1-D float logits row; `seen` holds the token ids of the sequence so far
+        (prompt and generated) for the repetition penalty. `logits` is never modified."""
+        cand = self.candidates(logits, seen)
         if self.params.greedy:
             return cand.token(int(np.argmax(cand.logits)))
         probs = cand.normalise()

@@ -3,7 +3,9 @@
 The CPU provider is built into onnxruntime. QNN (Qualcomm NPUs) is a plugin provider shipped by the
 ``onnxruntime-qnn`` package: its library is registered once per process and the session is bound to
 the QNN devices it exposes, with CPU fallback disabled so that a graph the NPU cannot run fails to load
-instead of silently running on the CPU.
+instead of silently running on the CPU. OpenVINO (Intel NPUs, CPUs and GPUs) ships as ``onnxruntime-openvino``,
+a build of onnxruntime with the provider inside; its ``device_type`` option picks the device, and CPU fallback is
+disabled the same way.
 """
 
 from __future__ import annotations
@@ -130,8 +132,9 @@ def create_session(model_path: str | Path, profile: dict, config: dict | None = 
     name, options = provider(profile)
     qnn = name == PROVIDERS["qnn"][0]
     so = session_options(profile)
-    # A graph the NPU cannot run whole fails to load rather than running partly on the CPU.
-    config = {"session.disable_cpu_ep_fallback": "1", **(config or {})} if qnn else (config or {})
+    # A graph the NPU (or OpenVINO's device) cannot run whole fails to load rather than running partly on the CPU.
+    whole = qnn or name == PROVIDERS["openvino"][0]
+    config = {"session.disable_cpu_ep_fallback": "1", **(config or {})} if whole else (config or {})
     for key, value in config.items():
         so.add_session_config_entry(str(key), str(value))
     try:

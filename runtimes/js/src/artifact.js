@@ -4,10 +4,15 @@ import { createHash } from 'node:crypto';
 import { createReadStream, readFileSync, statSync } from 'node:fs';
 import path from 'node:path';
 
+import ort from 'onnxruntime-node';
+
 import {
-  FORMAT, FORMAT_VERSION, GraphLayout, MANIFEST, MODEL_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, graphFiles,
+  GENAI_CONFIG, GraphLayout, MANIFEST, MANIFEST_SIGNATURE, MODEL_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE,
 } from './contract.js';
 import { ArtifactError, QwenEdgeError } from './errors.js';
+import { modelInfo, parseJson, parseManifest } from './manifest.js';
+import { createSession, sessionOptions } from './session.js';
+import { readSignature, verifySignature } from './signing.js';
 
 export { FORMAT, FORMAT_VERSION } from './contract.js';
 const VERIFY_MODES = ['full', 'size', 'none'];
@@ -31,38 +36,18 @@ function isFile(file) {
   }
 }
 
-function modelInfo(block, where) {
-  const int = (key, optional = false) => {
-    const value = block[key];
-    if (value === undefined || value === null) {
-      if (optional) return null;
-      throw new ArtifactError(`${where}: the \`model\` block lacks ${key}; rebuild the artifact`);
-    }
-    if (!Number.isInteger(value)) {
-      throw new ArtifactError(`${where}: model.${key} is not an integer; rebuild the artifact`);
-    }
-    return value;
-  };
-  const eos = block.eos_token_ids ?? [];
-  if (!Array.isArray(eos) || !eos.every(Number.isInteger)) {
-    throw new ArtifactError(`${where}: model.eos_token_ids is not a list of integers; rebuild the artifact`);
+function readText(file) {
+  try {
+    return readFileSync(file, 'utf8');
+  } catch (e) {
+    throw new ArtifactError(`${file} is unreadable (${e.message}); rebuild the artifact or re-copy it`);
   }
-  return {
-    family: String(block.family ?? ''),
-    numLayers: int('num_layers'),
-    numKvHeads: int('num_kv_heads'),
-    headDim: int('head_dim'),
-    vocabSize: int('vocab_size'),
-    contextLength: int('context_length'),
-    eosTokenIds: eos,
-    bosTokenId: int('bos_token_id', true),
-    padTokenId: int('pad_token_id', true),
-  };
 }
 
 /**
  * A verified artifact directory: manifest facts (`model`), device `profile`, the graph `layout`
  * (contract.GraphLayout: cache layout, position_ids, I/O names, read from genai_config.json) and file paths.
+ * The browser's counterpart is web.js's WebArtifact (same fields and methods).
  */
 export class Artifact {
   constructor(root, manifest) {
@@ -70,14 +55,16 @@ export class Artifact {
     this.manifest = manifest;
     this.model = modelInfo(manifest.model ?? {}, path.join(root, MANIFEST));
     this.profile = { ...(manifest.profile ?? {}) };
-    this.layout = GraphLayout.of(root, manifest);
+    const config = path.join(root, GENAI_CONFIG);
+    this.layout = GraphLayout.of(manifest, isFile(config) ? this.json(GENAI_CONFIG) : null, config);
   }
 
   /**
    * Read manifest.json in `dir` and check the listed files: verify "full" (size + sha256), "size", or "none".
-   * Throws ArtifactError naming the bad file and what to do.
+   * With `trustedKeys` (public key paths, PEM text or KeyObjects) manifest.json must be signed by one of them
+   * (signing.js). Throws ArtifactError (SignatureError) naming the bad file and what to do.
    */
-  static async open(dir, { verify = 'full' } = {}) {
+  static async open(dir, { verify = 'full', trustedKeys = [] } = {}) {
     if (!VERIFY_MODES.includes(verify)) {
       throw new QwenEdgeError(`verify must be one of ${VERIFY_MODES.join(', ')}, not ${JSON.stringify(verify)}`);
     }
@@ -95,24 +82,17 @@ export class Artifact {
     if (!isFile(manifestPath)) {
       throw new ArtifactError(`${manifestPath} is missing; rebuild the artifact or re-copy the whole folder`);
     }
-    let manifest;
-    try {
-      manifest = JSON.parse(readFileSync(manifestPath, 'utf8'));
-    } catch (e) {
-      throw new ArtifactError(`${manifestPath} is unreadable (${e.message}); rebuild the artifact or re-copy it`);
+    const text = readText(manifestPath);
+    let signedBy = null;
+    if (trustedKeys.length) {
+      const doc = readSignature(path.join(root, MANIFEST_SIGNATURE));
+      signedBy = verifySignature(Buffer.from(text, 'utf8'), doc, MANIFEST, trustedKeys, manifestPath);
     }
-    if (manifest === null || typeof manifest !== 'object' || Array.isArray(manifest)) {
-      throw new ArtifactError(`${manifestPath} is not a JSON object; rebuild the artifact or re-copy it`);
-    }
-    if (manifest.format !== FORMAT || manifest.format_version !== FORMAT_VERSION) {
-      throw new ArtifactError(
-        `${manifestPath}: format ${JSON.stringify(manifest.format)} ` +
-          `version ${JSON.stringify(manifest.format_version)} ` +
-          `is not "${FORMAT}" version ${FORMAT_VERSION}; rebuild the artifact with this qwen-edge version`,
-      );
-    }
-    await checkFiles(root, manifest, verify);
-    return new Artifact(root, manifest);
+    const manifest = parseManifest(text, manifestPath);
+    await checkFiles(root, manifest.files ?? {}, verify);
+    const artifact = new Artifact(root, manifest);
+    artifact.signedBy = signedBy; // key id of the trusted key whose signature was checked
+    return artifact;
   }
 
   /** `{name: {size, sha256}}` as listed in the manifest. */
@@ -123,6 +103,16 @@ export class Artifact {
   /** Absolute path of a file in the artifact. */
   path(name) {
     return path.join(this.root, name);
+  }
+
+  /** A JSON file of the artifact, parsed. */
+  json(name) {
+    return parseJson(readText(this.path(name)), this.path(name));
+  }
+
+  /** An onnxruntime-node InferenceSession of the model graph, configured by the device profile. */
+  openSession() {
+    return createSession(ort.InferenceSession, this.modelPath, sessionOptions(this.profile), this.modelPath);
   }
 
   get modelPath() {
@@ -138,24 +128,8 @@ export class Artifact {
   }
 }
 
-/** Check the files the manifest lists: the graphs and tokenizer are listed; per `verify`, size and sha256. */
-async function checkFiles(root, manifest, verify) {
-  const where = path.join(root, MANIFEST);
-  const files = manifest.files ?? {};
-  if (files === null || typeof files !== 'object' || Array.isArray(files)) {
-    throw new ArtifactError(`${where}: \`files\` is not a mapping; rebuild the artifact`);
-  }
-  for (const name of [...graphFiles(manifest), TOKENIZER_FILE, TOKENIZER_CONFIG_FILE]) {
-    if (!(name in files)) throw new ArtifactError(`${where} does not list ${name}; rebuild the artifact`);
-  }
-  for (const [name, entry] of Object.entries(files)) {
-    if (!(entry && Number.isInteger(entry.size) && typeof entry.sha256 === 'string')) {
-      throw new ArtifactError(`${where}: the entry of ${name} lacks size/sha256; rebuild the artifact`);
-    }
-    if (path.isAbsolute(name) || name.split(/[\\/]/).includes('..')) {
-      throw new ArtifactError(`${where} lists ${JSON.stringify(name)} outside the artifact; rebuild the artifact`);
-    }
-  }
+/** Check the files the manifest lists per `verify`: size, then sha256. */
+async function checkFiles(root, files, verify) {
   if (verify === 'none') return;
   for (const [name, entry] of Object.entries(files)) {
     const target = path.join(root, name);

@@ -1,9 +1,8 @@
 /** Chat on top of the Generator: the artifact's chat template (@huggingface/jinja) and multi-turn KV reuse. */
 
-import { readFileSync } from 'node:fs';
-
 import { Template } from '@huggingface/jinja';
 
+import { TOKENIZER_CONFIG_FILE } from './contract.js';
 import { ArtifactError, ContextOverflowError, QwenEdgeError } from './errors.js';
 import { samplingParams } from './sampling.js';
 
@@ -22,14 +21,10 @@ export class ChatTemplate {
     this.specialTokens = specialTokens;
   }
 
-  /** Read `chat_template` (a string, or a list of named templates: "default" is used). */
-  static fromTokenizerConfig(file) {
-    let cfg;
-    try {
-      cfg = JSON.parse(readFileSync(file, 'utf8'));
-    } catch (e) {
-      throw new ArtifactError(`${file} is unreadable (${e.message}); rebuild the artifact or re-copy it`);
-    }
+  /** The artifact's `chat_template` of tokenizer_config.json (a string, or a list of named templates: "default"). */
+  static fromArtifact(artifact) {
+    const file = artifact.tokenizerConfigPath;
+    const cfg = artifact.json(TOKENIZER_CONFIG_FILE);
     let source = cfg.chat_template;
     if (Array.isArray(source)) source = source.find((t) => t?.name === 'default')?.template;
     if (typeof source !== 'string' || !source.trim()) {
@@ -84,7 +79,7 @@ export function stripThinking(text) {
 export class ChatSession {
   constructor(generator, { system = null, enableThinking = null, thinkingBudget = null } = {}) {
     this.generator = generator;
-    this.template = ChatTemplate.fromTokenizerConfig(generator.artifact.tokenizerConfigPath);
+    this.template = ChatTemplate.fromArtifact(generator.artifact);
     this.system = system;
     this.enableThinking = enableThinking;
     this.thinkingBudget = thinkingBudget;

@@ -9,9 +9,6 @@
  * `model.decoder.inputs` / `outputs`: the graph's I/O names and past/present name patterns).
  */
 
-import { readFileSync, statSync } from 'node:fs';
-import path from 'node:path';
-
 import { ArtifactError } from './errors.js';
 
 export const FORMAT = 'qwen-edge';
@@ -28,6 +25,15 @@ export const LICENSE_FILE = 'LICENSE';
 export const STATIC_GRAPHS = Object.freeze(['prefill', 'decode']); // an NPU artifact's two graphs, in run order
 export const STATIC_GRAPH_FILES = Object.freeze(Object.fromEntries(STATIC_GRAPHS.map((n) => [n, `${n}.onnx`])));
 export const ALIGNMENT = 4096; // external data offsets, aligned for memory mapping
+
+// signatures: a detached Ed25519 signature beside the JSON whose file table covers every other file
+export const MANIFEST_SIGNATURE = 'manifest.sig'; // beside manifest.json in an artifact
+export const BUNDLE_SIGNATURE = 'bundle.sig'; // beside bundle.json in a bundle
+export const SIGNATURE_FORMAT = 'qwen-edge-signature';
+export const SIGNATURE_VERSION = 1;
+export const SIGNATURE_ALGORITHM = 'ed25519';
+// what is signed: this prefix, the signed file's name, a newline, then the file's exact bytes
+export const SIGNATURE_CONTEXT = 'qwen-edge signature v1\n';
 
 // cache layouts (manifest/genai_config: how the graph holds its KV cache)
 export const SHARED = 'shared'; // one past/present buffer of max_length bound as both (GroupQueryAttention)
@@ -111,14 +117,6 @@ export function isStaticManifest(manifest) {
   return typeof block !== 'object' || Object.keys(block).length > 0;
 }
 
-function isFile(file) {
-  try {
-    return statSync(file).isFile();
-  } catch {
-    return false;
-  }
-}
-
 /**
  * How an artifact's graph must be driven: its cache layout (`kvCache`: "shared", "growing" or
  * "static"), whether it takes position_ids, and the decoder graph's I/O names (`names`).
@@ -133,20 +131,13 @@ export class GraphLayout {
 
   /**
    * The layout an artifact states: static when the manifest has a `static` block, else as its
-   * genai_config.json says (`search.past_present_share_buffer`, `position_ids` among the decoder's
-   * inputs, the I/O names); an artifact without genai_config.json has the native layout.
+   * genai_config.json (`config`, parsed; `file` names it in errors) says (`search.past_present_share_buffer`,
+   * `position_ids` among the decoder's inputs, the I/O names); an artifact without one (`config` null) has
+   * the native layout.
    */
-  static of(root, manifest) {
+  static of(manifest, config, file = GENAI_CONFIG) {
     if (isStaticManifest(manifest)) return new GraphLayout(STATIC, true);
-    const file = path.join(root, GENAI_CONFIG);
-    if (!isFile(file)) return new GraphLayout();
-    let config;
-    try {
-      config = JSON.parse(readFileSync(file, 'utf8'));
-    } catch (e) {
-      const why = String(e.message).split('\n')[0];
-      throw new ArtifactError(`${file} is unreadable or malformed (${why}); rebuild the artifact`);
-    }
+    if (config === null || config === undefined) return new GraphLayout();
     const get = (obj, key, fallback) => (key in obj ? obj[key] : fallback); // absent, not null, takes the default
     const decoder = isPlainObject(config) && isPlainObject(config.model) ? config.model.decoder : undefined;
     const search = isPlainObject(config) ? get(config, 'search', {}) : null;

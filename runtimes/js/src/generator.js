@@ -1,5 +1,6 @@
 /**
- * The KV-cached generation loop on onnxruntime-node.
+ * The KV-cached generation loop, on onnxruntime-node and onnxruntime-web alike (its tensors are onnxruntime-common's,
+ * which both re-export; the page maps the bare name to onnxruntime-web).
  *
  * Graph layouts (contract.js; the artifact's genai_config.json and manifest.json say which):
  *
@@ -27,13 +28,12 @@
  * Context policy, stop rules and finish reasons are those of the Python runtime.
  */
 
-import ort from 'onnxruntime-node';
+import { Tensor } from 'onnxruntime-common';
 
 import { GENAI_CONFIG, POSITION_IDS, STATIC } from './contract.js';
 import { Detokenizer } from './detokenize.js';
 import { ArtifactError, ContextOverflowError, QwenEdgeError } from './errors.js';
 import { Sampler, samplingParams } from './sampling.js';
-import { createSession } from './session.js';
 import { loadTokenizer } from './tokenizer.js';
 
 const DEFAULT_PREFILL_CHUNK = 512;
@@ -100,7 +100,7 @@ export class Generation {
 }
 
 const now = () => performance.now() / 1000;
-const int64 = (values) => new ort.Tensor('int64', BigInt64Array.from(values, BigInt), [1, values.length]);
+const int64 = (values) => new Tensor('int64', BigInt64Array.from(values, BigInt), [1, values.length]);
 const range = (start, end) => Array.from({ length: end - start }, (_, i) => start + i);
 
 /** Refuse an NPU (static) artifact in one line that says what to do instead. */
@@ -119,11 +119,11 @@ function refuseStatic(artifact) {
  * `prefillChunk` tokens. One generation runs at a time.
  */
 export class Generator {
-  /** Open the session and tokenizer of an opened Artifact. */
+  /** Open the session and tokenizer of an opened Artifact (Node) or WebArtifact (browser). */
   static async create(artifact, { maxLength = null, prefillChunk = null } = {}) {
     refuseStatic(artifact);
     const tokenizer = loadTokenizer(artifact);
-    const session = await createSession(artifact.modelPath, artifact.profile);
+    const session = await artifact.openSession();
     return new Generator(artifact, session, tokenizer, { maxLength, prefillChunk });
   }
 
@@ -183,7 +183,7 @@ export class Generator {
 
   #emptyPast(len) {
     const [heads, dim] = this.kvShape;
-    const empty = () => new ort.Tensor('float32', new Float32Array(heads * len * dim), [1, heads, len, dim]);
+    const empty = () => new Tensor('float32', new Float32Array(heads * len * dim), [1, heads, len, dim]);
     return Object.fromEntries(this.kvNames.map(([p]) => [p, empty()]));
   }
 

@@ -1,6 +1,4 @@
-/** onnxruntime-node InferenceSession from an artifact's device profile. */
-
-import ort from 'onnxruntime-node';
+/** An onnxruntime InferenceSession (onnxruntime-node or onnxruntime-web) from an artifact's device profile. */
 
 import { ArtifactError, QwenEdgeError } from './errors.js';
 
@@ -8,8 +6,9 @@ import { ArtifactError, QwenEdgeError } from './errors.js';
 const OPT_LEVELS = { disable: 'disabled', basic: 'basic', extended: 'extended', all: 'all' };
 
 /** Session options from the profile keys intra_op_num_threads, inter_op_num_threads,
- * graph_optimization_level and session_config (the same keys the Python runtime reads). */
-export function sessionOptions(profile) {
+ * graph_optimization_level and session_config (the same keys the Python runtime reads); a cpu profile runs on
+ * `executionProviders` (onnxruntime-node: cpu; onnxruntime-web: wasm, or webgpu then wasm). */
+export function sessionOptions(profile, executionProviders = ['cpu']) {
   let level = String(profile.graph_optimization_level ?? 'all').toLowerCase().replace(/^ort_enable_/, '');
   if (level === 'ort_disable_all') level = 'disable';
   if (!(level in OPT_LEVELS)) {
@@ -26,7 +25,7 @@ export function sessionOptions(profile) {
     );
   }
   const options = {
-    executionProviders: ['cpu'],
+    executionProviders,
     graphOptimizationLevel: OPT_LEVELS[level],
     logSeverityLevel: 3,
   };
@@ -41,13 +40,12 @@ export function sessionOptions(profile) {
   return options;
 }
 
-/** An InferenceSession for `modelPath` configured by the device profile. */
-export async function createSession(modelPath, profile) {
-  const options = sessionOptions(profile);
+/** `InferenceSession.create(model, options)` of the given onnxruntime; a load failure is one line naming `where`. */
+export async function createSession(InferenceSession, model, options, where) {
   try {
-    return await ort.InferenceSession.create(modelPath, options);
+    return await InferenceSession.create(model, options);
   } catch (e) {
     const first = String(e?.message ?? e).trim().split('\n')[0];
-    throw new ArtifactError(`onnxruntime could not load ${modelPath}: ${first}; rebuild the artifact or re-copy it`);
+    throw new ArtifactError(`onnxruntime could not load ${where}: ${first}; rebuild the artifact or re-copy it`);
   }
 }

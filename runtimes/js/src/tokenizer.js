@@ -1,23 +1,14 @@
 /** The artifact's tokenizer (tokenizer.json + tokenizer_config.json) with @huggingface/tokenizers, offline. */
 
-import { readFileSync } from 'node:fs';
-
 import { Tokenizer } from '@huggingface/tokenizers';
 
+import { TOKENIZER_CONFIG_FILE, TOKENIZER_FILE } from './contract.js';
 import { ArtifactError } from './errors.js';
 
-function readJson(file) {
-  try {
-    return JSON.parse(readFileSync(file, 'utf8'));
-  } catch (e) {
-    throw new ArtifactError(`${file} is unreadable (${e.message}); rebuild the artifact or re-copy it`);
-  }
-}
-
-/** Load the tokenizer of an opened Artifact. */
+/** Load the tokenizer of an opened Artifact (or WebArtifact). */
 export function loadTokenizer(artifact) {
-  const json = readJson(artifact.tokenizerPath);
-  const config = readJson(artifact.tokenizerConfigPath);
+  const json = artifact.json(TOKENIZER_FILE);
+  const config = artifact.json(TOKENIZER_CONFIG_FILE);
   try {
     return new Tokenizer(json, config);
   } catch (e) {

@@ -29,7 +29,7 @@ before(() => {
 async function runtime(name) {
   if (!opened.has(name)) {
     const artifact = await Artifact.open(expected.artifacts[name].path);
-    const template = ChatTemplate.fromTokenizerConfig(artifact.tokenizerConfigPath);
+    const template = ChatTemplate.fromArtifact(artifact);
     opened.set(name, { gen: await Generator.create(artifact), template });
   }
   return opened.get(name);

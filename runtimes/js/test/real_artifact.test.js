@@ -18,7 +18,7 @@ test('real artifact: greedy tokens equal the Python loop on the evaluation chat 
   const py = pythonGreedy(ARTIFACT, cases);
   const artifact = await Artifact.open(ARTIFACT, { verify: 'size' });
   const gen = await Generator.create(artifact);
-  const template = ChatTemplate.fromTokenizerConfig(artifact.tokenizerConfigPath);
+  const template = ChatTemplate.fromArtifact(artifact);
   for (let i = 0; i < prompts.length; i++) {
     const ids = gen.encode(template.render(prompts[i].messages, { addGenerationPrompt: true }));
     assert.deepEqual(ids, py[i].prompt_ids, `${prompts[i].id}: prompt ids`);

@@ -31,7 +31,7 @@ const CASES = [
 async function jsGreedy(dir, cases) {
   const artifact = await Artifact.open(dir);
   const gen = await Generator.create(artifact);
-  const template = ChatTemplate.fromTokenizerConfig(artifact.tokenizerConfigPath);
+  const template = ChatTemplate.fromArtifact(artifact);
   const results = [];
   for (const c of cases) {
     const prompt = c.messages ? template.render(c.messages, { addGenerationPrompt: true }) : c.text;
