@@ -108,7 +108,10 @@ def needs(recipe: Recipe, profile: Profile, config: QwenConfig) -> Needs:
         weights = fp32 // {"int4": 8, "int8": 4}[recipe.precision.weights]
         disk = fp32 + weights * (3 if profile.share_weights else 2)
     else:
-        weights = weight_bytes(weight_plan(recipe.precision, config), config)
+        precision = recipe.precision
+        if precision.method == "dynamic":  # Optimum's int8 preset stores per-channel int8: rtn int8 is the size
+            precision = precision.model_copy(update={"method": "rtn"})
+        weights = weight_bytes(weight_plan(precision, config), config)
         # other backends read an fp32 copy of the model and write their own fp32 graph first
         disk = weights if recipe.backend == "native" else weights + 2 * fp32
     return Needs(weights, weights + kv_bytes, int(disk * _DISK_MARGIN))
