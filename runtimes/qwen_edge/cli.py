@@ -357,12 +357,8 @@ def cmd_unpack(args) -> int:
 # -- serve ---------------------------------------------------------------------------------------
 
 
-def _serve_web(args) -> int:
-    from .webpage import WebServer
-
-    artifact = _open_artifact(args)  # checked here; the page checks every file's sha256 again
-    server = WebServer(artifact.root, args.host, args.port, quiet=args.quiet)
-    print(f"qwen-edge serve --web: chat page for {artifact.root} at {server.url} (Ctrl-C stops)", file=sys.stderr)
+def _serve_until_interrupted(server) -> int:
+    """Serve until Ctrl-C, then release the socket."""
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -370,6 +366,15 @@ def _serve_web(args) -> int:
     finally:
         server.server_close()
     return 0
+
+
+def _serve_web(args) -> int:
+    from .webpage import WebServer
+
+    artifact = _open_artifact(args)  # checked here; the page checks every file's sha256 again
+    server = WebServer(artifact.root, args.host, args.port, quiet=args.quiet)
+    print(f"qwen-edge serve --web: chat page for {artifact.root} at {server.url} (Ctrl-C stops)", file=sys.stderr)
+    return _serve_until_interrupted(server)
 
 
 def _hardening(args):
@@ -413,13 +418,7 @@ def cmd_serve(args) -> int:
         "(OpenAI-compatible; Ctrl-C stops)",
         file=sys.stderr,
     )
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        print("\nqwen-edge serve: stopped", file=sys.stderr)
-    finally:
-        server.server_close()
-    return 0
+    return _serve_until_interrupted(server)
 
 
 # -- build side ----------------------------------------------------------------------------------
