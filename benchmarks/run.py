@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shlex
 import shutil
 import subprocess
@@ -53,7 +54,7 @@ LONG_NEW_TOKENS = 8
 BUILD_RSS_CAP_MB = 21_000  # a build past this is killed (and reported) before the shared machine OOMs
 
 # system -> how to build, run and score it. "recipe" maps a model to a qwen-edge recipe; "method"
-# derives a variant recipe with another quantization method.
+# derives a variant recipe with another quantization method, "precision" one with other precision keys.
 SYSTEMS = {
     "qwen-edge-int4": {"kind": "qwen-edge", "recipe": {"0.5b": "demo", "1.5b": "qwen2.5-coder-1.5b-instruct-int4"}},
     # the same recipe pinned to one ONNX Runtime thread (on a machine whose cores other jobs keep busy)
@@ -76,6 +77,20 @@ SYSTEMS = {
         "kind": "qwen-edge",
         "recipe": {"0.5b": "demo", "1.5b": "qwen2.5-coder-1.5b-instruct-int4"},
         "method": "mixed",
+    },
+    # the decode-optimal layout study (benchmarks/README.md): block 32 round-to-nearest, every linear int4
+    "qwen-edge-int4-rtn-b32": {
+        "kind": "qwen-edge",
+        "recipe": {"1.5b": "qwen2.5-coder-1.5b-instruct-int4"},
+        "method": "rtn",
+        "precision": {"lm_head_int8_rows": 0},
+    },
+    # block 128 with GPTQ, every linear and lm_head int4: the fewest bytes per token (0.5625 per weight packed)
+    "qwen-edge-int4-b128": {
+        "kind": "qwen-edge",
+        "recipe": {"1.5b": "qwen2.5-coder-1.5b-instruct-int4"},
+        "method": "gptq",
+        "precision": {"block_size": 128, "int8_layers": None, "lm_head_int8_rows": 0},
     },
     "qwen-edge-int8": {
         "kind": "qwen-edge",
@@ -271,7 +286,7 @@ def _recipe_path(system: str, spec: dict, model: str) -> Path:
 
     name = spec["recipe"][model]
     path = recipes_dir() / f"{name}.yaml"
-    if "method" not in spec and "overrides" not in spec:
+    if not {"method", "precision", "overrides"} & set(spec):
         return path
     data = yaml.safe_load(path.read_text())
     data["name"] = system.replace("qwen-edge", name, 1)
@@ -280,6 +295,7 @@ def _recipe_path(system: str, spec: dict, model: str) -> Path:
         precision["method"] = spec["method"]
         if spec["method"] not in INT8_LAYER_METHODS:
             precision.pop("int8_layers", None)
+    data.setdefault("precision", {}).update(spec.get("precision", {}))
     data.setdefault("overrides", {}).update(spec.get("overrides", {}))
     out = CACHE / "recipes" / f"{data['name']}.yaml"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -295,10 +311,13 @@ def _code_hash(kind: str) -> str:
     return _sha(*(f.read_bytes() for f in files))
 
 
-def ensure_artifact(system: str, model: str, paths: dict, work: Path) -> dict:
-    """The system's artifact for this model (built once, cached) with its size and build record."""
+def ensure_artifact(system: str, model: str, paths: dict, work: Path, prebuilt: Path | None = None) -> dict:
+    """The system's artifact for this model (built once, cached) with its size and build record;
+    ``prebuilt`` names an artifact built elsewhere from the system's recipe (no build record)."""
     spec = SYSTEMS[system]
     kind = spec["kind"]
+    if prebuilt is not None:
+        return {"path": str(prebuilt), "artifact_mb": round(_dir_mb(prebuilt), 1), "build": None, "prebuilt": True}
     if kind == "llamacpp":  # runs the original GGUF: nothing to build
         return {"path": str(paths["gguf"]), "artifact_mb": round(_dir_mb(paths["gguf"]), 1), "build": None}
     if kind == "transformers":
@@ -494,7 +513,16 @@ def target_metrics(row: dict) -> dict:
     }
 
 
-def run_model(model: str, systems: list[str], reps: int, nice: int, fidelity: bool, work: Path) -> dict:
+def run_model(
+    model: str,
+    systems: list[str],
+    reps: int,
+    nice: int,
+    fidelity: bool,
+    work: Path,
+    prebuilt: dict | None = None,
+    long_prompts: bool = True,
+) -> dict:
     from transformers import AutoTokenizer
 
     paths = ensure_model(model, progress=False)
@@ -505,10 +533,10 @@ def run_model(model: str, systems: list[str], reps: int, nice: int, fidelity: bo
     chat_len = next(iter(prompts))
     scenarios = {
         f"chat{chat_len}": (int(chat_len), NEW_TOKENS),
-        **{f"p{n}": (n, LONG_NEW_TOKENS) for n in LONG_PROMPTS},
+        **{f"p{n}": (n, LONG_NEW_TOKENS) for n in LONG_PROMPTS if long_prompts},
     }
 
-    artifacts = {s: ensure_artifact(s, model, paths, work) for s in systems}
+    artifacts = {s: ensure_artifact(s, model, paths, work, (prebuilt or {}).get(s)) for s in systems}
     log(f"{model}: page-cache warm-up, one untimed process per system")
     for s in systems:
         _run_json(measure_cmd(s, artifacts[s], prompts_file, int(chat_len), 4), f"warm-up of {s}", nice)
@@ -562,13 +590,19 @@ def run_model(model: str, systems: list[str], reps: int, nice: int, fidelity: bo
 SPEC_NEW_TOKENS = 160  # below the natural end of every task's answer: all systems decode the same stretch
 LOOKUP_TOKENS = 10  # llama-cpp-python's LlamaPromptLookupDecoding(num_pred_tokens=10); our initial draft length
 SPEC_SYSTEMS = ("qwen-edge", "qwen-edge-lookup", "llamacpp", "llamacpp-lookup")
+# lookup tuning variants, e.g. qwen-edge-lookup-n2-k4: shortest n-gram 2, initial draft length 4
+LOOKUP_VARIANT = re.compile(r"^qwen-edge-lookup(?:-n(\d+))?(?:-k(\d+))?$")
 
 
 def speculation_cmd(system: str, art: Path, gguf: Path, task_file: Path, ids_file: Path, n_ids: int) -> list:
     """One measurement of a speculation task (a fresh process): our `bench` or the llama.cpp anchor."""
     if system.startswith("qwen-edge"):
         cmd = [QWEN_EDGE, "bench", art, "--prompt-file", task_file, "-n", SPEC_NEW_TOKENS, "-r", 1, "--json"]
-        return cmd + (["--lookup", "--draft-tokens", LOOKUP_TOKENS] if system.endswith("-lookup") else [])
+        variant = LOOKUP_VARIANT.match(system)
+        if variant is None:  # plain, whatever the artifact's manifest asks for
+            return cmd + ["--no-lookup", "--no-draft"]
+        ngram, k = variant.groups()
+        return cmd + ["--lookup", "--draft-tokens", k or LOOKUP_TOKENS] + (["--lookup-ngram", ngram] if ngram else [])
     cmd = [_python("llamacpp"), ANCHORS / "llamacpp.py", "run", "--model", gguf, "--ids-file", ids_file]
     cmd += ["--prompt-tokens", n_ids, "--new-tokens", SPEC_NEW_TOKENS, "--threads", 2]
     return cmd + (["--lookup", LOOKUP_TOKENS] if system.endswith("-lookup") else [])
@@ -665,10 +699,12 @@ def _cpu_name() -> str:
 
 
 def write_outputs(result: dict) -> Path:
-    """benchmarks/results/<date>-<machine>.json, latest.md and the PNG plots."""
+    """benchmarks/results/<date>-<machine>.json, latest.md and the PNG plots (each name prefixed with
+    the run's label, if it has one, so that a study's subset of systems leaves the main table alone)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = result["date"].replace(":", "").replace("-", "")[:13]
-    json_path = RESULTS / f"{stamp}-{result['machine']['host']}.json"
+    prefix = f"{result['label']}-" if result.get("label") else ""
+    json_path = RESULTS / f"{prefix}{stamp}-{result['machine']['host']}.json"
     json_path.write_text(json.dumps(result, indent=1, default=str))
     md = [
         "# Benchmark results\n",
@@ -696,13 +732,16 @@ def write_outputs(result: dict) -> Path:
         ]
         for system, targets in m["targets"].items():
             md += [f"Targets ({system} vs the anchors in this run):", "", harness.render_targets(targets), ""]
-        md += _plots(m)
-    (RESULTS / "latest.md").write_text("\n".join(md))
+        md += _plots(m, prefix)
+    (RESULTS / f"{prefix}latest.md").write_text("\n".join(md))
     return json_path
 
 
-def _plots(m: dict) -> list[str]:
-    import matplotlib
+def _plots(m: dict, prefix: str = "") -> list[str]:
+    try:
+        import matplotlib
+    except ImportError:  # the table and JSON are the results; a measured run is not lost for want of plots
+        return ["(no plots: matplotlib is missing; `pip install 'qwen-edge[bench]'` and rerun with --render)", ""]
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -729,7 +768,7 @@ def _plots(m: dict) -> list[str]:
         ax.set_title(f"{m['title']}")
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        path = RESULTS / f"{fname}-{m['model']}.png"
+        path = RESULTS / f"{prefix}{fname}-{m['model']}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         lines.append(f"![{ylabel} vs size]({path.name})")
@@ -751,6 +790,17 @@ def main(argv: list[str] | None = None) -> int:
         help="niceness of the measurement processes (default -15 as root: a fair share on a busy machine)",
     )
     parser.add_argument("--no-fidelity", action="store_true", help="skip the fidelity comparison")
+    parser.add_argument(
+        "--prebuilt",
+        action="append",
+        default=[],
+        metavar="SYSTEM=DIR",
+        help="measure this artifact (built from the system's recipe elsewhere) instead of building it; repeatable",
+    )
+    parser.add_argument(
+        "--decode-only", action="store_true", help="only the chat prompt's decode (no 512/1,500-token TTFT runs)"
+    )
+    parser.add_argument("--label", help="prefix of the result files (default: none, i.e. results/latest.md)")
     parser.add_argument("--render", type=Path, help="only rewrite latest.md and the plots from a results JSON")
     parser.add_argument(
         "--speculation", action="store_true", help="speculative decoding: plain vs prompt lookup, ours and llama.cpp's"
@@ -767,8 +817,8 @@ def main(argv: list[str] | None = None) -> int:
             metrics = {s: target_metrics(r) for s, r in m["rows"].items()}
             anchors = {g: _best_anchor(m["rows"], c) for g, c in ANCHOR_GROUPS.items()}
             m["targets"] = {s: harness.evaluate_targets(metrics, s, anchors) for s in m["rows"] if s.startswith(OURS)}
-        write_outputs(result)
-        print((RESULTS / "latest.md").read_text())
+        path = write_outputs(result)
+        print(path.with_name(f"{result['label']}-latest.md" if result.get("label") else "latest.md").read_text())
         return 0
     systems = args.systems.split(",") if args.systems else list(QUICK_SYSTEMS if args.quick else SYSTEMS)
     models = args.models.split(",") if args.models else (["0.5b"] if args.quick else list(MODELS))
@@ -779,6 +829,10 @@ def main(argv: list[str] | None = None) -> int:
             for m in models:
                 if SYSTEMS[s]["kind"] == "qwen-edge" and m not in SYSTEMS[s]["recipe"]:
                     log(f"{s} has no recipe for {m}: skipped for that model")
+    prebuilt, bad_prebuilt = _parse_prebuilt(args.prebuilt, systems, models)
+    if bad_prebuilt:
+        print(f"error: {bad_prebuilt}", file=sys.stderr)
+        return 2
     if bad or reps < 1:
         print(
             f"error: unknown {', '.join(bad) or 'value'}; systems: {', '.join(SYSTEMS)}; models: "
@@ -798,6 +852,8 @@ def main(argv: list[str] | None = None) -> int:
                 args.nice,
                 not args.no_fidelity,
                 work,
+                prebuilt,
+                not args.decode_only,
             )
             for m in models
         ]
@@ -814,12 +870,29 @@ def main(argv: list[str] | None = None) -> int:
         "reps": reps,
         "systems": systems,
         "load": harness.spread(loads),
+        "label": args.label,
         "models": done,
     }
     path = write_outputs(result)
-    print((RESULTS / "latest.md").read_text())
-    print(f"wrote {path} and {RESULTS / 'latest.md'}")
+    md = RESULTS / (f"{args.label}-latest.md" if args.label else "latest.md")
+    print(md.read_text())
+    print(f"wrote {path} and {md}")
     return 0
+
+
+def _parse_prebuilt(pairs: list[str], systems: list[str], models: list[str]) -> tuple[dict, str | None]:
+    """--prebuilt SYSTEM=DIR pairs -> {system: Path}, or the one-line error for a bad pair."""
+    out = {}
+    for pair in pairs:
+        system, sep, directory = pair.partition("=")
+        if not sep or system not in systems or SYSTEMS[system]["kind"] != "qwen-edge":
+            return {}, f"--prebuilt {pair!r}: give SYSTEM=DIR with a qwen-edge system of --systems"
+        if len(models) != 1:
+            return {}, "--prebuilt names one model's artifact; give one --models"
+        if not (Path(directory) / "manifest.json").is_file():
+            return {}, f"--prebuilt {pair!r}: {directory} has no manifest.json; give a qwen-edge build output"
+        out[system] = Path(directory)
+    return out, None
 
 
 def _speculation_main(args, argv) -> int:
@@ -828,7 +901,8 @@ def _speculation_main(args, argv) -> int:
 
     systems = args.systems.split(",") if args.systems else list(SPEC_SYSTEMS)
     tasks = args.tasks.split(",") if args.tasks else list(TASKS)
-    if not set(systems) <= set(SPEC_SYSTEMS) or not set(tasks) <= set(TASKS):
+    known = all(s in SPEC_SYSTEMS or LOOKUP_VARIANT.match(s) for s in systems)
+    if not known or not set(tasks) <= set(TASKS):
         print(f"error: --speculation systems are {', '.join(SPEC_SYSTEMS)}; tasks {', '.join(TASKS)}", file=sys.stderr)
         return 2
     if len(models) > 1 and (args.artifact or args.gguf):

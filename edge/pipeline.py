@@ -19,7 +19,7 @@ from edge.artifact.licenses import write_license
 from edge.artifact.manifest import model_block, profile_block, write_manifest
 from edge.check import preflight
 from edge.graph.decoder import GraphOptions, export
-from edge.graph.plan import weight_plan
+from edge.graph.plan import source_grid_summary, weight_plan
 from edge.recipe import Profile, Recipe, recipe_profile
 from edge.sources import open_source
 from edge.sources.adapter import MergedSource, check_tables, load_adapter, read_adapter_config, write_switchable
@@ -61,6 +61,7 @@ def _build(recipe: Recipe, model: str | None, out: Path | None, evaluate: bool) 
     source = open_source(spec)
     recipe.check_context_length(source.config.max_position_embeddings)
     preflight.check_resources(recipe, profile, source.config, out_dir)
+    sizer = _check_size_budget(recipe, source)
     adapters = _load_adapters(recipe, source)
     switchable = adapters if recipe.adapter and recipe.adapter.mode == "switchable" else []
     if adapters and not switchable:
@@ -75,14 +76,15 @@ def _build(recipe: Recipe, model: str | None, out: Path | None, evaluate: bool) 
             f"building {recipe.name}: {source.config.family} {source.config.num_layers} layers, "
             f"{recipe.precision.weights} ({recipe.precision.method}) from {spec}"
         )
-        static = scored = None
+        static = scored = grid = allocation = None
         backend_info = graph_facts = None
         if profile.graph == "static":  # the profile asks for an NPU artifact
             static = _export_static(recipe, profile, source, staging)
             scored = static.pop("scored")
             graph_facts = {"kv_cache": contract.STATIC, contract.STATIC_BLOCK: static}
         elif recipe.backend == "native":
-            _export_native(recipe, profile, source, staging, switchable)
+            allocation = _allocate(recipe, source, sizer) if sizer is not None else None
+            grid = _export_native(recipe, profile, source, staging, switchable, allocation)
         else:
             backend_info = _export_with_backend(recipe, profile, source, staging)
             graph_facts = backend_info.pop("graph", None)
@@ -115,6 +117,8 @@ def _build(recipe: Recipe, model: str | None, out: Path | None, evaluate: bool) 
             backend=backend_info,
             static=static,
             adapters={a.name: {"file": contract.adapter_file(a.name), **a.summary()} for a in switchable} or None,
+            source_grid=grid,
+            allocation=_allocation_block(allocation, fidelity),
         )
         _replace_dir(staging, out_dir)
     except BaseException:
@@ -160,12 +164,58 @@ def _load_adapters(recipe: Recipe, source) -> list:
     return adapters
 
 
-def _export_native(recipe: Recipe, profile: Profile, source, staging: Path, switchable=()) -> None:
+def _check_size_budget(recipe: Recipe, source):
+    """The allocator's sizer when the recipe sets ``max_size_mb`` (None otherwise), after checking the budget
+    is reachable: graph shapes only, before any weight is read."""
+    if recipe.precision.max_size_mb is None:
+        return None
+    from edge.quantize import allocator
+
+    sizer = allocator.Sizer(source, recipe.precision, recipe.context_length)
+    allocator.check_budget(sizer, int(recipe.precision.max_size_mb * 1e6))
+    return sizer
+
+
+def _allocate(recipe: Recipe, source, sizer):
+    """Each tensor's storage under the recipe's size budget, from the source's measured sensitivity."""
+    from edge.check import sensitivity
+    from edge.quantize import allocator
+
+    reporter = report.current()
+    reporter.status("measuring per-tensor sensitivity on the calibration text")
+    measured = sensitivity.measure(source, recipe.precision.symmetric)
+    allocation = allocator.allocate(sizer, measured["kl"], int(recipe.precision.max_size_mb * 1e6))
+    reporter.line(
+        f"allocation: {allocation.predicted_bytes / 1e6:.1f} MB predicted "
+        f"(budget {recipe.precision.max_size_mb:g} MB), "
+        f"predicted mean KL {allocation.predicted_kl:.4f}"
+    )
+    return allocation
+
+
+def _allocation_block(allocation, fidelity: dict | None) -> dict | None:
+    """The manifest's ``allocation``: the plan and its predicted loss, beside the fidelity check's measured one."""
+    if allocation is None:
+        return None
+    measured = (fidelity or {}).get("overall", {}).get("mean_kl")
+    return {**allocation.manifest_block(), "measured_mean_kl": measured}
+
+
+def _export_native(
+    recipe: Recipe, profile: Profile, source, staging: Path, switchable=(), allocation=None
+) -> dict | None:
     """qwen-edge's own exporter: GPTQ calibration when the recipe asks for it, then the graph (with LoRA
-    inputs and one file per adapter when `switchable` adapters are given)."""
-    plan = weight_plan(recipe.precision, source.config)
+    inputs and one file per adapter when `switchable` adapters are given). Returns the manifest's
+    ``source_grid`` account for precision method ``gguf``, else None. An `allocation` (edge.quantize.allocator)
+    supplies the plan when the recipe sets a size budget."""
+    from edge.sources.gguf import GGUFSource
+
+    types = source.tensor_types() if isinstance(source, GGUFSource) else None
+    plan = allocation.plan if allocation is not None else weight_plan(recipe.precision, source.config, types)
     options = GraphOptions(
-        context_length=recipe.context_length, accuracy_level=profile.accuracy_level, lora=bool(switchable)
+        context_length=recipe.context_length,
+        accuracy_level=profile.accuracy_level,
+        lora=frozenset().union(*(a.slots for a in switchable)),
     )
     calibrated = None
     if recipe.precision.method == "gptq":
@@ -180,6 +230,7 @@ def _export_native(recipe: Recipe, profile: Profile, source, staging: Path, swit
             calibrated.close()
     for adapter in switchable:
         write_switchable(adapter, staging / contract.adapter_file(adapter.name))
+    return source_grid_summary(plan, source.config, types) if recipe.precision.method == "gguf" else None
 
 
 def _export_static(recipe: Recipe, profile: Profile, source, staging: Path) -> dict:
@@ -262,9 +313,9 @@ def _export_with_backend(recipe: Recipe, profile: Profile, source, staging: Path
 
     reporter = report.current()
     backend = load_backend(recipe.backend)
-    model_dir = getattr(source, "path", None)
+    model_dir = getattr(source, "path", None)  # a Hugging Face directory; a GGUF file is one file
     scratch = None
-    if model_dir is None:
+    if model_dir is None or not Path(model_dir).is_dir():
         reporter.status(f"writing an fp32 Hugging Face copy of the model for {recipe.backend}")
         scratch = write_hf_directory(source, staging.with_name(staging.name + ".hf"))
         model_dir = scratch

@@ -30,6 +30,12 @@ byte-level BPE vocabulary numbers its tokens in merge order, so the low ids are 
 the next token is usually picked from, so a few thousand int8 rows buy most of what an all-int8
 lm_head does (measured in the README). A tied model whose lm_head would otherwise share the
 embedding's blobs then stores its own lm_head.
+
+``max_size_mb: M`` (native backend, CPU profile, int4 weights with method ``rtn`` or ``gptq``) caps the
+artifact at M MB (10^6 bytes): ``edge.quantize.allocator`` chooses every tensor's storage (int4 in blocks
+of 32/64/128 or int8, embedding, lm_head and its int8 rows included) to minimise the loss predicted by
+each tensor's measured sensitivity (``edge.check.sensitivity``); a budget below the smallest reachable
+size fails before any weight is read, naming that size.
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ from pydantic import (
     model_validator,
 )
 
+from qwen_edge.contract import MAX_DRAFT_TOKENS
 from qwen_edge.errors import QwenEdgeError
 
 Bits = Literal["int4", "int8", "fp16", "fp32"]
@@ -84,12 +91,16 @@ class Precision(_Strict):
     weights: Bits = "int4"
     block_size: Literal[16, 32, 64, 128] = 32
     symmetric: bool = False
-    method: Literal["rtn", "hqq", "kquant", "mixed", "gptq", "dynamic"] = "rtn"
+    # gguf: each weight at the storage its GGUF type asks for, its own integers and scales where that
+    # storage holds them exactly (edge.quantize.source_grid); the keys above apply to float tensors.
+    method: Literal["rtn", "hqq", "kquant", "mixed", "gptq", "dynamic", "gguf"] = "rtn"
     embedding: TableBits = "same"
     lm_head: TableBits = "same"
     int8_layers: tuple[str, ...] | None = None
     calibration_tokens: Annotated[int, Field(ge=64, le=65536)] | None = None
     lm_head_int8_rows: Annotated[int, Field(ge=0)] = 0
+    # The whole artifact's size in MB (10^6 bytes): edge.quantize.allocator picks each tensor's storage.
+    max_size_mb: Annotated[float, Field(gt=0)] | None = None
 
     @model_validator(mode="after")
     def _mixed_policy(self) -> "Precision":
@@ -103,6 +114,16 @@ class Precision(_Strict):
             raise ValueError("calibration_tokens is only used with method 'gptq'")
         if self.lm_head_int8_rows and self.lm_head_bits != "int4":
             raise ValueError("lm_head_int8_rows needs an int4 lm_head (an int8 one is int8 throughout)")
+        if self.max_size_mb is not None:
+            if self.method not in ("rtn", "gptq") or self.weights != "int4":
+                raise ValueError(
+                    "max_size_mb chooses among int4 and int8 storages: use weights int4 with method rtn or gptq"
+                )
+            if self.int8_layers or self.lm_head_int8_rows or {self.embedding_bits, self.lm_head_bits} != {"int4"}:
+                raise ValueError(
+                    "max_size_mb chooses every tensor's storage (int8 layers and lm_head rows included): "
+                    "remove int8_layers, lm_head_int8_rows, embedding and lm_head"
+                )
         return self
 
     def bits_for(self, tensor_name: str) -> str:
@@ -282,6 +303,24 @@ class AdapterOptions(_Strict):
         return self
 
 
+class Speculation(_Strict):
+    """The speculative decoding the artifact's runtime uses by default (recorded in the manifest;
+    `--lookup`/`--draft` override it, `--no-lookup`/`--no-draft` turn it off): prompt ``lookup``, or a
+    ``draft`` artifact with the same tokenizer (a path relative to the directory the artifact is in,
+    e.g. a sibling's name, or absolute; resolved when the artifact runs), and ``draft_tokens``, the
+    initial draft length."""
+
+    lookup: bool = False
+    draft: Annotated[str, Field(min_length=1)] | None = None
+    draft_tokens: Annotated[int, Field(ge=1, le=MAX_DRAFT_TOKENS)] | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "Speculation":
+        if self.lookup == (self.draft is not None):
+            raise ValueError("give one of lookup: true or draft: ARTIFACT")
+        return self
+
+
 class Recipe(_Strict):
     """A build recipe. After ``load_recipe`` its ``precision`` is complete (profile defaults applied)."""
 
@@ -298,6 +337,7 @@ class Recipe(_Strict):
     fidelity: FidelityOptions = FidelityOptions()
     overrides: ProfileOverrides = ProfileOverrides()
     adapter: AdapterOptions | None = None
+    speculation: Speculation | None = None
 
     @field_validator("source")
     @classmethod
@@ -323,6 +363,24 @@ class Recipe(_Strict):
         if v < 256 or v > MAX_CONTEXT or v & (v - 1):
             raise ValueError(f"context_length must be a power of two from 256 to {MAX_CONTEXT}, got {v}")
         return v
+
+    @model_validator(mode="after")
+    def _source_grid(self) -> "Recipe":
+        if self.precision.method != "gguf":
+            return self
+        if self.source_kind not in ("gguf", "pypi-gguf"):
+            raise ValueError(
+                "precision method 'gguf' keeps a GGUF source's own quantization, but the source is not a GGUF: "
+                "use a .gguf (or pypi) source, or another method such as rtn"
+            )
+        if self.backend != "native":
+            raise ValueError("precision method 'gguf' is qwen-edge's own exporter: remove backend")
+        if self.adapter is not None and self.adapter.mode == "merged":
+            raise ValueError(
+                "precision method 'gguf' keeps the GGUF's weights as they are; a merged adapter changes them: "
+                "use adapter mode switchable or another method"
+            )
+        return self
 
     @property
     def source_kind(self) -> str:
@@ -420,6 +478,11 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     if precision.method == "dynamic" and recipe.backend != "optimum":
         raise RecipeError(f"{path}: precision method 'dynamic' is Optimum's int8 preset; use it with backend: optimum")
     profile = recipe_profile(recipe)
+    if precision.max_size_mb is not None and (recipe.backend != "native" or profile.graph == "static"):
+        raise RecipeError(
+            f"{path}: precision max_size_mb sizes qwen-edge's CPU graph; drop it "
+            "(or use backend native with a CPU profile)"
+        )
     if precision.lm_head_int8_rows and (recipe.backend != "native" or profile.graph == "static"):
         raise RecipeError(
             f"{path}: precision lm_head_int8_rows is a layout of qwen-edge's CPU graph; drop it "

@@ -81,6 +81,7 @@ def train_adapter(hf_dir: Path, out_dir: Path, steps: int = 60, seed: int = 0, l
     {seconds, steps, final_loss}."""
     import peft
     import torch
+    from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(seed)
@@ -105,7 +106,7 @@ def train_adapter(hf_dir: Path, out_dir: Path, steps: int = 60, seed: int = 0, l
         answer = tokenizer.encode(reply(message) + "<|im_end|>", add_special_tokens=False)
         examples.append((prompt, answer))
     start, loss = time.perf_counter(), None
-    for _ in range(steps):
+    for _ in tqdm(range(steps), desc="training the toy LoRA", unit="step"):
         prompt, answer = rng.choice(examples)
         ids = torch.tensor([prompt + answer])
         labels = torch.tensor([[-100] * len(prompt) + answer])

@@ -134,6 +134,18 @@ def test_switchable_matches_peft_and_switches_in_one_session(case):
         check_logits(gen, case["refs"][name])
 
 
+def test_switchable_graph_takes_lora_inputs_only_where_its_adapters_adapt(case, tmp_path):
+    # adapter "two": q, v and down_proj of layer 1 only
+    art = build(recipe(case["dir"], "switchable", {"two": case["adapters"]["two"]}), out=tmp_path / "sw").out_dir
+    gen = Generator(Artifact.open(art))
+    inputs = {i.name for i in gen.runner.session.get_overridable_initializers() if i.name.startswith("lora.")}
+    assert inputs == {"lora.1.qkv_proj.a", "lora.1.qkv_proj.b", "lora.1.down_proj.a", "lora.1.down_proj.b"}
+    gen.set_adapter("two")
+    check_logits(gen, case["refs"]["two"])
+    gen.set_adapter(None)
+    check_logits(gen, case["refs"][None])
+
+
 def test_switchable_manifest_checksums_adapter_files(case, tmp_path):
     manifest = Artifact.open(case["switchable"]).manifest
     assert set(manifest["adapters"]) == {"one", "two"}
@@ -281,7 +293,7 @@ def test_trained_adapter_teaches_the_demo_model_its_task(tmp_path):
         gen = Generator(Artifact.open(result.out_dir), max_length=512)
         for adapter_name in (None, "echo") if mode == "switchable" else (None,):
             chat = ChatSession(gen, adapter=adapter_name)
-            key = mode if adapter_name else "base"
+            key = "base" if mode == "switchable" and adapter_name is None else mode
             replies[key] = [
                 chat.generate(chat.prompt([{"role": "user", "content": m}]), max_new_tokens=64).read()
                 for m in HELD_OUT

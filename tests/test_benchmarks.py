@@ -152,3 +152,52 @@ def test_method_variant_systems_are_valid_recipes(tmp_path, monkeypatch):
         for model in spec["recipe"]:
             recipe = load_recipe(str(run._recipe_path(system, spec, model)))
             assert recipe.precision.method == spec["method"]
+            for key, value in spec.get("precision", {}).items():
+                assert getattr(recipe.precision, key) == value
+
+
+def test_every_qwen_edge_system_names_shipped_recipes():
+    from edge.recipe import list_recipes
+
+    run = _load("bench_run", ROOT / "benchmarks" / "run.py")
+    names = set(list_recipes())
+    for spec in run.SYSTEMS.values():
+        assert set(spec.get("recipe", {}).values()) <= names
+
+
+def test_prebuilt_pairs_are_checked(tmp_path):
+    run = _load("bench_run", ROOT / "benchmarks" / "run.py")
+    (tmp_path / "manifest.json").write_text("{}")
+    ours = ["qwen-edge-int4-b128", "llamacpp"]
+    assert run._parse_prebuilt([f"qwen-edge-int4-b128={tmp_path}"], ours, ["1.5b"]) == (
+        {"qwen-edge-int4-b128": tmp_path},
+        None,
+    )
+    for pairs, models, needle in (
+        ([str(tmp_path)], ["1.5b"], "give SYSTEM=DIR"),
+        ([f"llamacpp={tmp_path}"], ["1.5b"], "give SYSTEM=DIR"),  # runs a GGUF, not an artifact
+        ([f"qwen-edge-int4={tmp_path}"], ["1.5b"], "give SYSTEM=DIR"),  # not in --systems
+        ([f"qwen-edge-int4-b128={tmp_path}"], ["0.5b", "1.5b"], "give one --models"),
+        ([f"qwen-edge-int4-b128={tmp_path / 'none'}"], ["1.5b"], "has no manifest.json"),
+    ):
+        found, error = run._parse_prebuilt(pairs, ours, models)
+        assert found == {} and needle in error and "\n" not in error
+    assert run.ensure_artifact("qwen-edge-int4-b128", "1.5b", {}, tmp_path, tmp_path)["prebuilt"] is True
+
+
+def test_a_labelled_run_leaves_latest_md_alone(tmp_path, monkeypatch):
+    run = _load("bench_run", ROOT / "benchmarks" / "run.py")
+    monkeypatch.setattr(run, "RESULTS", tmp_path)
+    result = {
+        "date": "2026-12-01T14:05:00+00:00",
+        "machine": {"host": "vm", "cpu": "x", "cores": 2, "memory_gib": 23},
+        "command": "python benchmarks/run.py --label layout",
+        "load": harness.spread([3.0, 5.0]),
+        "nice": 0,
+        "reps": 1,
+        "label": "layout",
+        "models": [],
+    }
+    path = run.write_outputs(result)
+    assert path.name == "layout-20261201T1405-vm.json"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["layout-20261201T1405-vm.json", "layout-latest.md"]

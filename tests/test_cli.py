@@ -73,8 +73,11 @@ def test_chat_is_multi_turn_with_reset_and_exit(artifact, capsys, monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.StringIO("Hello\nAgain\n/reset\n\nHello\n/exit\nnever read\n"))
     assert cli.main(["chat", artifact, "--max-new-tokens", "6", "--system", "Be brief."]) == 0
     out, err = capsys.readouterr()
-    replies = out.split("\n")[:3]
-    assert replies[0] == replies[2]  # after /reset the same question gets the same greedy reply
+    first = "".join(
+        ChatSession(Generator(Artifact.open(artifact)), system="Be brief.").send("Hello", max_new_tokens=6)
+    )
+    # a random model's reply may hold newlines: find the first reply at both ends, not by splitting lines
+    assert out.startswith(first + "\n") and out.endswith("\n" + first + "\n") and len(out) > 2 * len(first) + 2
     assert "conversation cleared" in err
 
 

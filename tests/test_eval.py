@@ -68,9 +68,9 @@ def test_eval_gives_the_numbers_the_build_recorded(tiny_qwen2, tmp_path, capsys)
     assert again["greedy"] == recorded["greedy"]
 
 
-def test_eval_of_a_plain_graph_artifact_gives_the_numbers_the_build_recorded(tiny_model, tmp_path, capsys):
+def test_eval_of_a_plain_graph_artifact_gives_the_numbers_the_build_recorded(tiny_gguf, tmp_path, capsys):
     pytest.importorskip("olive")
-    model = tiny_model("qwen3", tied=False)
+    model = tiny_gguf("qwen3")  # a GGUF source: Olive gets the fp32 Hugging Face copy the build writes
     recipe = _recipe(tmp_path, model, "olive", "backend: olive\n")
     result = build(load_recipe(recipe), out=tmp_path / "art")
     assert Artifact.open(result.out_dir).layout.kv_cache == "growing"

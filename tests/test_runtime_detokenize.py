@@ -43,3 +43,13 @@ def test_special_tokens_are_skipped(tokenizer):
     ids = tokenizer.encode("<|im_start|>assistant\nHello<|im_end|>", add_special_tokens=False).ids
     detok = Detokenizer(tokenizer)
     assert "".join(detok.push(i) for i in ids) == "assistant\nHello"
+
+
+def test_bytes_that_never_complete_a_character_are_flushed_at_the_end(tokenizer):
+    lead = tokenizer.token_to_id(tokenizer.encode("界").tokens[0][0])  # an incomplete UTF-8 sequence
+    ids = tokenizer.encode("hello").ids + [lead]
+    detok = Detokenizer(tokenizer)
+    pieces = [detok.push(i) for i in ids]
+    assert pieces[-1] == ""
+    assert "".join(pieces) + detok.flush() == tokenizer.decode(ids) == "hello\ufffd"
+    assert detok.flush() == ""

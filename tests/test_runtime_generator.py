@@ -43,7 +43,7 @@ def test_cached_greedy_equals_recomputing_the_full_sequence(gen):
         seq.append(int(np.argmax(full_logits(gen, seq))))
     assert result.token_ids == seq[len(prompt) :]
     # a random model may end on an incomplete UTF-8 sequence: that tail is held back, never emitted broken
-    assert text == gen.tokenizer.decode(result.token_ids).rstrip("\ufffd")
+    assert text == gen.tokenizer.decode(result.token_ids)
     # the cache holds the prompt and every generated token but the last
     assert gen.position == len(prompt) + 23
     np.testing.assert_array_equal(gen.tokens, seq[:-1])
@@ -139,7 +139,7 @@ def test_streaming_chinese_never_yields_broken_characters(gen):
     )
     pieces = list(result)
     assert result.text.endswith(text)
-    assert "".join(pieces) == gen.tokenizer.decode(result.token_ids).rstrip("\ufffd")
+    assert "".join(pieces) == gen.tokenizer.decode(result.token_ids)
     assert all("\ufffd" not in p for p in pieces if any(c in p for c in text))
     assert len(pieces) < len(chinese)  # tokens that complete no character yield nothing
 

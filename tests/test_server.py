@@ -12,6 +12,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from serving import serving
 
 from qwen_edge import cli
 from qwen_edge.artifact import Artifact
@@ -34,12 +35,10 @@ def artifact(tiny_artifact):
 
 @pytest.fixture(scope="module")
 def server(artifact):
-    srv = ChatServer(Engine(Generator(Artifact.open(artifact), max_length=MAX_LENGTH)), "127.0.0.1", 0, quiet=True)
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
+    with serving(
+        ChatServer(Engine(Generator(Artifact.open(artifact), max_length=MAX_LENGTH)), "127.0.0.1", 0, quiet=True)
+    ) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
@@ -318,11 +317,8 @@ def thinking_server(tiny_artifact):
     engine = Engine(Generator(Artifact.open(tiny_artifact("qwen3", tied=True)), max_length=MAX_LENGTH))
     opened = engine.chat.template.render
     engine.chat.template.render = lambda *args, **kwargs: opened(*args, **kwargs) + "<think>\n"
-    srv = ChatServer(engine, "127.0.0.1", 0, quiet=True)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
+    with serving(ChatServer(engine, "127.0.0.1", 0, quiet=True)) as srv:
+        yield srv
 
 
 def test_server_honours_the_thinking_budget_and_returns_the_thinking_apart(thinking_server):

@@ -2,9 +2,9 @@
 
 import http.client
 import json
-import threading
 
 import pytest
+from serving import serving
 
 from qwen_edge.artifact import Artifact
 from qwen_edge.generator import Generator
@@ -66,11 +66,8 @@ def artifact(tiny_model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(artifact):
-    srv = ChatServer(Engine(Generator(Artifact.open(artifact))), "127.0.0.1", 0, quiet=True)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
+    with serving(ChatServer(Engine(Generator(Artifact.open(artifact))), "127.0.0.1", 0, quiet=True)) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,8 @@ the target distribution, n-gram lookup and draft-length adaptation, and the CLI 
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from test_runtime_plain_graph import _rewrite_genai_config
@@ -252,3 +254,138 @@ def test_real_demo_greedy_is_identical_with_prompt_lookup():
     spec = _tokens(gen, ids, n=300)
     assert spec.token_ids == plain.token_ids and "def validate_config(data):" in spec.text  # the file, quoted
     assert spec.stats.acceptance_rate > 0.6
+
+
+# -- the default speculation a recipe names (manifest block) and per-request speculation in the server --
+
+
+def _with_speculation(tiny_model, out, speculation: dict):
+    from edge.pipeline import build
+    from edge.recipe import Precision, Recipe
+
+    recipe = Recipe(
+        name="tiny",
+        source=str(tiny_model("qwen2")),
+        context_length=256,
+        precision=Precision(weights="fp32"),
+        fidelity={"enabled": False},
+        speculation=speculation,
+    )
+    return build(recipe, out=out).out_dir
+
+
+def test_recipe_speculation_is_validated():
+    from edge.recipe import Speculation
+
+    assert Speculation(lookup=True, draft_tokens=6).draft is None
+    for bad in ({}, {"lookup": True, "draft": "x"}, {"lookup": True, "draft_tokens": 17}, {"draft": ""}, {"k": 1}):
+        with pytest.raises(ValueError):
+            Speculation(**bad)
+
+
+def test_manifest_speculation_is_the_cli_default_unless_told_otherwise(tiny_model, tiny_artifact, capsys):
+    from qwen_edge import cli
+    from qwen_edge.contract import SpeculationDefault
+
+    draft = tiny_artifact("qwen2", weights="int4")  # a sibling of the artifacts built below
+    lookup_art = _with_speculation(tiny_model, draft.parent / "with-lookup", {"lookup": True, "draft_tokens": 6})
+    draft_art = _with_speculation(tiny_model, draft.parent / "with-draft", {"draft": draft.name, "draft_tokens": 3})
+    assert json.loads((lookup_art / "manifest.json").read_text())["speculation"] == {"lookup": True, "draft_tokens": 6}
+    assert SpeculationDefault.of(Artifact.open(draft_art).manifest) == SpeculationDefault(False, draft.name, 3)
+
+    def speculator(art, *flags):
+        args = cli.build_parser().parse_args(["run", str(art), "hi", *flags])
+        return cli._speculator(args, Generator(Artifact.open(art), max_length=64))
+
+    spec = speculator(lookup_art)
+    assert isinstance(spec, PromptLookup) and spec.length.start_k == 6
+    assert speculator(lookup_art, "--no-lookup") is None
+    assert speculator(lookup_art, "--draft-tokens", "2").length.start_k == 2
+    assert isinstance(speculator(lookup_art, "--draft", str(draft)), DraftModel)
+    spec = speculator(draft_art)
+    assert isinstance(spec, DraftModel) and spec.length.start_k == 3
+    assert spec.draft.artifact.root.resolve() == draft.resolve()
+    assert speculator(draft_art, "--no-draft") is None
+    assert isinstance(speculator(draft_art, "--lookup"), PromptLookup)
+    # the same greedy text with the manifest's default as without it
+    outputs = []
+    for flags in ([], ["--no-draft"]):
+        assert cli.main(["run", str(draft_art), PROMPT, "--max-new-tokens", "16", "--no-chat-template", *flags]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1]
+    # a named draft that is not there: one line saying what to pass
+    import shutil
+
+    moved = shutil.copytree(draft_art, draft.parent.parent / "elsewhere-with-draft", dirs_exist_ok=True)
+    assert cli.main(["run", str(moved), "hi", "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "names the draft" in err and "--draft ARTIFACT" in err and "--no-draft" in err
+    assert cli.main(["run", str(moved), "hi", "--max-new-tokens", "2", "--no-draft"]) == 0
+
+
+def test_malformed_manifest_speculation_is_an_artifact_error():
+    from qwen_edge.contract import SpeculationDefault
+    from qwen_edge.errors import ArtifactError
+
+    assert SpeculationDefault.of({}) is None
+    for bad in ({"lookup": True, "draft": "x"}, {"draft_tokens": 4}, {"lookup": "yes"}, {"lookup": True, "k": 2}, []):
+        with pytest.raises(ArtifactError, match="rebuild the artifact"):
+            SpeculationDefault.of({"speculation": bad})
+
+
+def test_server_speculation_per_request(tiny_artifact):
+    from qwen_edge.server import RequestError, parse_speculation
+
+    lookup = PromptLookup(k=5)
+    assert parse_speculation(None, lookup) is lookup
+    assert parse_speculation({"lookup": False}, lookup) is None
+    assert parse_speculation({"lookup": True, "draft_tokens": 3}, None).length.start_k == 3
+    assert parse_speculation({"draft_tokens": 2}, lookup).length.start_k == 2 and lookup.length.start_k == 5
+    target = Generator(Artifact.open(tiny_artifact("qwen2")), max_length=64)
+    draft = DraftModel(Generator(Artifact.open(tiny_artifact("qwen2", weights="int4")), max_length=64), target)
+    assert parse_speculation({"draft": False}, draft) is None
+    assert parse_speculation({"lookup": False}, draft) is draft
+    assert parse_speculation({"draft": True, "draft_tokens": 2}, draft).draft is draft.draft
+    assert isinstance(parse_speculation({"lookup": True}, draft), PromptLookup)
+    bad = [
+        ("yes", "must be an object"),
+        ({"lookup": 1}, "speculation.lookup"),
+        ({"draft_tokens": 17}, "from 1 to 16"),
+        ({"draft_tokens": 3}, "needs lookup or a draft model"),
+        ({"draft": True}, "serve --draft ARTIFACT"),
+        ({"lookup": True, "draft": True}, "exclude each other"),
+        ({"ngram": 2}, "speculation.ngram"),
+    ]
+    for value, message in bad:
+        with pytest.raises(RequestError, match=message) as e:
+            parse_speculation(value, None)
+        assert e.value.status == 400 and e.value.param == "speculation"
+
+
+def test_server_request_turns_lookup_on_and_off_with_the_same_reply(tiny_artifact):
+    import http.client
+    import threading
+
+    from qwen_edge.server import ChatServer, Engine
+
+    gen = Generator(Artifact.open(tiny_artifact("qwen2")), max_length=160)
+    srv = ChatServer(Engine(gen), "127.0.0.1", 0, quiet=True)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        replies = []
+        for speculation in (None, {"lookup": True, "draft_tokens": 4}, {"lookup": False}):
+            body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 24, "temperature": 0}
+            if speculation is not None:
+                body["speculation"] = speculation
+            conn = http.client.HTTPConnection(*srv.server_address[:2], timeout=60)
+            conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+            response = conn.getresponse()
+            assert response.status == 200
+            replies.append(json.loads(response.read())["choices"][0]["text"])
+            conn.close()
+            used = gen.speculator
+            assert isinstance(used, PromptLookup) if speculation and speculation["lookup"] else used is None
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert replies[0] == replies[1] == replies[2]

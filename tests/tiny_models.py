@@ -364,8 +364,31 @@ def gguf_tensor_name(hf_name: str) -> str:
     return f"blk.{layer}.{_LAYER_NAMES[rest]}"
 
 
-def write_gguf(hf_dir: Path, out_path: Path, qtype: str = "F32") -> Path:
-    """Write a tiny HF model directory as a llama.cpp-style GGUF (matrices F32 or Q8_0, norms F32)."""
+def quantize_q6_k(arr: np.ndarray) -> np.ndarray:
+    """Rows of `arr` (length a multiple of 256) as GGUF Q6_K blocks (the gguf package only dequantizes Q6_K):
+    per 16 values a scale d * sc (d float16 per 256, sc int8) and 6-bit q - 32."""
+    x = arr.reshape(-1, 16, 16).astype(np.float32)  # super-blocks of 16 sub-blocks
+    sub = np.abs(x).max(-1) / 31
+    d = (sub.max(-1, keepdims=True) / 127).astype(np.float16)
+    sc = np.where(d > 0, np.round(sub / np.maximum(d.astype(np.float32), 1e-30)), 0).clip(-128, 127)
+    scale = d.astype(np.float32) * sc
+    q = np.where(scale[..., None] > 0, np.round(x / np.maximum(scale[..., None], 1e-30)), 0).clip(-32, 31)
+    u = (q + 32).astype(np.uint8).reshape(-1, 2, 4, 32)  # [block, half, group of 32, l]
+    lo, hi = u & 0x0F, u >> 4
+    ql = np.concatenate([lo[:, :, 0] | lo[:, :, 2] << 4, lo[:, :, 1] | lo[:, :, 3] << 4], axis=-1)
+    qh = hi[:, :, 0] | hi[:, :, 1] << 2 | hi[:, :, 2] << 4 | hi[:, :, 3] << 6
+    blocks = np.concatenate(
+        [ql.reshape(-1, 128), qh.reshape(-1, 64), sc.astype(np.int8).view(np.uint8), d.view(np.uint8)], axis=-1
+    )
+    return blocks.reshape(arr.shape[0], -1)
+
+
+def write_gguf(hf_dir: Path, out_path: Path, qtype: str = "F32", matrix_types: dict[str, str] | None = None) -> Path:
+    """Write a tiny HF model directory as a llama.cpp-style GGUF (matrices F32 or Q8_0, norms F32);
+    `matrix_types` maps fnmatch patterns of HF names to the GGUF type of those matrices (Q4_0, Q5_0, Q5_1,
+    Q8_0, Q6_K)."""
+    import fnmatch
+
     import gguf
     from safetensors.numpy import load_file
 
@@ -418,7 +441,12 @@ def write_gguf(hf_dir: Path, out_path: Path, qtype: str = "F32") -> Path:
 
     for name, arr in load_file(str(hf_dir / "model.safetensors")).items():
         arr = np.ascontiguousarray(arr, dtype=np.float32)
-        if qtype == "Q8_0" and arr.ndim == 2:
+        chosen = [t for pattern, t in (matrix_types or {}).items() if fnmatch.fnmatchcase(name, pattern)]
+        if chosen:
+            kind = gguf.GGMLQuantizationType[chosen[0]]
+            data = quantize_q6_k(arr) if chosen[0] == "Q6_K" else gguf.quants.quantize(arr, kind)
+            w.add_tensor(gguf_tensor_name(name), data, raw_dtype=kind)
+        elif qtype == "Q8_0" and arr.ndim == 2:
             w.add_tensor(
                 gguf_tensor_name(name),
                 gguf.quants.quantize(arr, gguf.GGMLQuantizationType.Q8_0),

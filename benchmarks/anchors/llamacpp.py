@@ -63,7 +63,11 @@ def run(args) -> dict:
     common.run_argv(args)  # checks the arguments
     ids = common.load_ids(args.ids_file, args.prompt_tokens)
     t0 = time.perf_counter()
-    llm = _load(args.model, len(ids) + args.new_tokens + 8, args.threads, lookup=args.lookup)
+    # With a lookup draft llama-cpp-python keeps every position's logits, trims drafts to llama.cpp's
+    # context (padded to a multiple of 256) but sizes its token and logit arrays from the arguments:
+    # ask for a padded context and for all logits, or a long accepted draft overruns those arrays.
+    n_ctx = -(-(len(ids) + args.new_tokens + 8 + args.lookup) // 256) * 256
+    llm = _load(args.model, n_ctx, args.threads, logits_all=bool(args.lookup), lookup=args.lookup)
     load_ms = (time.perf_counter() - t0) * 1000
     if args.warmup_tokens:
         _generate(llm, ids[:32], args.warmup_tokens)

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 from edge.config import QwenConfig
 from qwen_edge.artifact import sha256_file
-from qwen_edge.contract import ADAPTERS_BLOCK, FORMAT, FORMAT_VERSION, MANIFEST, STATIC_BLOCK
+from qwen_edge.contract import ADAPTERS_BLOCK, FORMAT, FORMAT_VERSION, MANIFEST, SPECULATION_BLOCK, STATIC_BLOCK
 
 TOOLS = ("qwen-edge", "onnx", "onnx-ir", "onnxruntime", "transformers", "torch", "gguf")
 
@@ -87,6 +87,11 @@ def profile_block(profile) -> dict[str, Any]:
     return _plain(profile)
 
 
+def _speculation(recipe_data: Mapping[str, Any]) -> dict[str, Any]:
+    """The recipe's `speculation` with its unset keys left out."""
+    return {k: v for k, v in recipe_data["speculation"].items() if v not in (None, False)}
+
+
 def write_manifest(
     out_dir: Path | str,
     *,
@@ -101,6 +106,8 @@ def write_manifest(
     backend: Mapping[str, Any] | None = None,
     static: Mapping[str, Any] | None = None,
     adapters: Mapping[str, Any] | None = None,
+    source_grid: Mapping[str, Any] | None = None,
+    allocation: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Hash every file in ``out_dir`` and write the manifest; return it.
 
@@ -108,7 +115,10 @@ def write_manifest(
     ``source_fingerprint`` is ``{spec, kind, sha256}``; ``build_stats`` holds seconds and peak RSS;
     ``backend`` is what exported the graph (``{"name", "versions", "steps"}``; default the native exporter);
     ``static`` describes an NPU artifact's prefill/decode graphs (``edge.graph.static``, ``edge.npu.qnn``);
-    ``adapters`` a switchable artifact's LoRA adapters (``{name: {file, rank, ...}}``; the files are in ``files``).
+    ``adapters`` a switchable artifact's LoRA adapters (``{name: {file, rank, ...}}``; the files are in ``files``);
+    ``source_grid`` what precision method ``gguf`` kept of a GGUF's grids (``edge.graph.plan.source_grid_summary``);
+    ``allocation`` a size-budgeted build's per-tensor plan, predicted size and KL, and measured KL
+    (``edge.quantize.allocator``).
     """
     out = Path(out_dir)
     recipe_data = _plain(recipe)
@@ -120,10 +130,14 @@ def write_manifest(
         "source": dict(source_fingerprint),
         "model": model_block(config, int(recipe_data["context_length"])),
         "precision": _plain(precision),
+        **({"source_grid": dict(source_grid)} if source_grid is not None else {}),
+        **({"allocation": dict(allocation)} if allocation is not None else {}),
         "tools": tool_versions(),
         "backend": dict(backend) if backend is not None else {"name": "native"},
         **({STATIC_BLOCK: dict(static)} if static is not None else {}),
         **({ADAPTERS_BLOCK: dict(adapters)} if adapters else {}),
+        # the runtime's default speculative decoding (qwen_edge.contract.SpeculationDefault)
+        **({SPECULATION_BLOCK: _speculation(recipe_data)} if recipe_data.get("speculation") else {}),
         "files": file_table(out),
         "license": dict(license) if license is not None else None,
         "fidelity": dict(fidelity) if fidelity is not None else None,

@@ -111,6 +111,10 @@ def needs(recipe: Recipe, profile: Profile, config: QwenConfig) -> Needs:
         precision = recipe.precision
         if precision.method == "dynamic":  # Optimum's int8 preset stores per-channel int8: rtn int8 is the size
             precision = precision.model_copy(update={"method": "rtn"})
+        if precision.method == "gguf":  # the GGUF's types are read later; none of them is stored above int8
+            wide = precision.weights if precision.weights in ("fp16", "fp32") else "int8"
+            update = {"method": "rtn", "weights": wide, "embedding": wide, "lm_head": wide}
+            precision = precision.model_copy(update=update)
         weights = weight_bytes(weight_plan(precision, config), config)
         # other backends read an fp32 copy of the model and write their own fp32 graph first
         disk = weights if recipe.backend == "native" else weights + 2 * fp32

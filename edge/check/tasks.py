@@ -213,8 +213,7 @@ def reference_generator(model, tokenizer, eos_token_ids: Sequence[int]) -> Gener
                 stopping_criteria=StoppingCriteriaList([StopText(inp.shape[1], stop_strings)]),
             )
         new = [t for t in out[0, inp.shape[1] :].tolist() if t not in eos]
-        # the runtime's detokenizer never emits an incomplete character (U+FFFD at the end)
-        text = tokenizer.decode(new, skip_special_tokens=True).rstrip("\ufffd")
+        text = tokenizer.decode(new, skip_special_tokens=True)
         cut = min((text.find(s) for s in stop_strings if s in text), default=len(text))
         return text[:cut]
 

@@ -36,12 +36,13 @@ LM_HEAD_SLICE_ROWS = 32768
 
 @dataclass(frozen=True)
 class GraphOptions:
-    """Graph-level choices: context length (rotary cache size), MatMulNBits accuracy level, and whether
-    every decoder linear takes LoRA A/B inputs (a switchable-adapter artifact)."""
+    """Graph-level choices: context length (rotary cache size), MatMulNBits accuracy level, and the
+    (layer, contract.LORA_GROUPS group) linears that take LoRA A/B inputs (a switchable-adapter artifact:
+    only those its adapters adapt, since every input costs a few empty ops per step even at rank zero)."""
 
     context_length: int
     accuracy_level: int = 4
-    lora: bool = False
+    lora: frozenset[tuple[int, str]] = frozenset()
 
 
 TensorReader = Callable[..., np.ndarray]  # (HF name, rows: slice | None = None) -> float32 array (a source's tensor)
@@ -75,14 +76,18 @@ class DecoderGraph:
         plan: WeightPlan,
         options: GraphOptions,
         quantized: Callable[[str], BlockQuantized | None] | None = None,
+        grid: Callable[..., BlockQuantized] | None = None,
     ):
-        """`quantized(key)` may supply the blobs of a packed linear (e.g. from calibrated GPTQ) by graph key."""
+        """`quantized(key)` may supply the blobs of a packed linear (e.g. from calibrated GPTQ) by graph key;
+        `grid(HF name, spec, rows=None)` gives the blobs of the weights in ``plan.source_grid`` (a GGUF
+        source's own integers and scales)."""
         self.cfg = config
         self.read = read
         self.plan = plan
         self.opts = options
         self.memo = _Memo()
         self.supplied = quantized or (lambda key: None)
+        self.grid = grid
         self.initializers: list[ir.Value] = []
         self.lora_inputs: list[ir.Value] = []
         self.nodes: list[ir.Node] = []
@@ -129,7 +134,7 @@ class DecoderGraph:
 
     def _lora(self, x: ir.Value, y: ir.Value, i: int, group: str, n: int, k: int) -> ir.Value:
         """y + (x @ A) @ B with layer i's LoRA inputs of `group` (contract.LORA_GROUPS); zero rank by default."""
-        if not self.opts.lora:
+        if (i, group) not in self.opts.lora:
             return y
         rank = f"lora_rank_{i}_{group}"  # one dim per input: layers may differ in rank (or have none)
         a = self._overridable(contract.LORA_A % (i, group), [k, rank], np.zeros((k, 0), np.float32))
@@ -214,7 +219,16 @@ class DecoderGraph:
 
     def _read_quantized(self, names: list[str], n: int, spec: QuantSpec, rows: slice | None = None) -> BlockQuantized:
         """quantize() of the `n` rows of `names` (from ``rows.start`` of a single matrix); a single
-        matrix is read and quantized in row blocks."""
+        matrix is read and quantized in row blocks; weights of ``plan.source_grid`` come from `grid`."""
+        if any(name in self.plan.source_grid for name in names):
+            return BlockQuantized.concat(
+                [
+                    self.grid(name, spec, rows)
+                    if name in self.plan.source_grid
+                    else quantize(self.read(name, rows), spec)
+                    for name in names
+                ]
+            )
         if len(names) > 1:
             return quantize(self._read_rows(names), spec)
         start = rows.start if rows is not None else 0
@@ -238,6 +252,12 @@ class DecoderGraph:
             y = self._op("MatMul", [x, self._float_weight(key, names, n, k, storage)])
             return self._op("Add", [y, bias]) if bias is not None else y
         q = self._quantized(key, names, n, k, storage, rows=rows, calibrated=calibrated)
+        y = self._matmul_nbits(x, q, n, k, storage, f"/{key}/MatMulNBits")
+        return self._op("Add", [y, bias]) if bias is not None else y
+
+    def _matmul_nbits(self, x: ir.Value, q: dict, n: int, k: int, storage: QuantSpec, name: str) -> ir.Value:
+        """MatMulNBits with only the inputs that exist: onnxruntime-web's WebGPU kernel takes 3 or 4 inputs
+        (no trailing empty ones), so a bias is a separate Add."""
         attrs = {
             "K": k,
             "N": n,
@@ -245,13 +265,8 @@ class DecoderGraph:
             "block_size": storage.block_size,
             "accuracy_level": self.opts.accuracy_level,
         }
-        return self._op(
-            "MatMulNBits",
-            [x, q["packed"], q["scales"], q["zp"], None, bias],
-            attrs,
-            domain=MS,
-            name=f"/{key}/MatMulNBits",
-        )
+        inputs = [x, q["packed"], q["scales"]] + ([q["zp"]] if q["zp"] is not None else [])
+        return self._op("MatMulNBits", inputs, attrs, domain=MS, name=name)
 
     def _vector(self, name: str) -> ir.Value:
         size = int(np.prod(self._shape_of_vector(name)))
@@ -419,16 +434,7 @@ class DecoderGraph:
         storage = self.plan.lm_head
         if self.plan.lm_head_shares_embedding(self.cfg.tie_word_embeddings):
             q = self._embed_blobs  # one copy of the packed weights, shared with the embedding
-            attrs = {
-                "K": c.hidden_size,
-                "N": c.vocab_size,
-                "bits": storage.bits,
-                "block_size": storage.block_size,
-                "accuracy_level": self.opts.accuracy_level,
-            }
-            return self._op(
-                "MatMulNBits", [x, q["packed"], q["scales"], q["zp"]], attrs, domain=MS, name="/lm_head/MatMulNBits"
-            )
+            return self._matmul_nbits(x, q, c.vocab_size, c.hidden_size, storage, "/lm_head/MatMulNBits")
         name = "model.embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight"
         if isinstance(storage, str):
             return self._linear(x, "lm_head", [name], c.vocab_size, c.hidden_size, storage)
@@ -545,7 +551,8 @@ def export(source, out_dir: Path, plan: WeightPlan, options: GraphOptions, quant
     `quantized(key)` may supply precomputed blobs for packed linears (see DecoderGraph).
     """
     reporter = report.current()
-    graph = DecoderGraph(source.config, source.tensor, plan, options, quantized=quantized).build()
+    grid = source.grid_blocks if plan.source_grid else None
+    graph = DecoderGraph(source.config, source.tensor, plan, options, quantized=quantized, grid=grid).build()
     bar = reporter.bar(total=len(graph.graph.initializers), desc="export+quantize", unit="tensor")
     try:
         ir.save(

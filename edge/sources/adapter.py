@@ -83,6 +83,13 @@ class LoraAdapter:
         return sorted({n.split(".")[-2] for n in self.weights})
 
     @property
+    def slots(self) -> frozenset[tuple[int, str]]:
+        """The (layer, contract.LORA_GROUPS group) pairs it adapts: where a switchable graph needs LoRA inputs."""
+        group_of = {part: group for group, parts in contract.LORA_GROUPS.items() for part in parts}
+        found = (re.fullmatch(r"model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.weight", n) for n in self.weights)
+        return frozenset((int(m.group(1)), group_of[m.group(2)]) for m in found if m)
+
+    @property
     def tables(self) -> list[str]:
         """The adapted weights that are the embedding table or lm_head."""
         return [n for n in self.weights if n.split(".")[-2] in TABLE_TARGETS]

@@ -158,6 +158,26 @@ class GGUFSource(Source):
         self._reader.data._mmap.madvise(mmap.MADV_DONTNEED)
         return out
 
+    def tensor_types(self) -> dict[str, str]:
+        """GGUF type name (F32, Q8_0, Q6_K, ...) of every tensor, by Hugging Face name."""
+        return {name: self._tensors[g].tensor_type.name for name, g in self._gguf_name.items()}
+
+    def grid_blocks(self, name: str, spec, rows: slice | None = None):
+        """Rows of matrix `name` as blobs in `spec` made of the file's own integers and scales
+        (``edge.quantize.source_grid``; `spec` must hold the tensor's type)."""
+        from edge.quantize.blockwise import BlockQuantized
+        from edge.quantize.source_grid import to_blocks
+
+        t = self._tensors[self._gguf_name[name]]
+        n, k = self._shapes[name]
+        start, stop, _ = (rows or slice(None)).indices(n)
+        parts = [
+            to_blocks(t.tensor_type.name, t.data[i : min(i + ROW_CHUNK, stop)], k, spec)
+            for i in range(start, stop, ROW_CHUNK)
+        ]
+        self._reader.data._mmap.madvise(mmap.MADV_DONTNEED)
+        return BlockQuantized.concat(parts)
+
     def license_facts(self) -> LicenseFacts:
         return self._license
 

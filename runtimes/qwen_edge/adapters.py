@@ -66,14 +66,22 @@ def lora_feeds(artifact: Artifact, name: str | None, shapes: dict[str, list]) ->
     if any(set(p) != {"a", "b"} for p in parts.values()):
         raise ArtifactError(f"adapter {name!r} has an A without its B (or the reverse); rebuild the artifact")
     feeds = {}
-    groups = {(i, g) for i in range(artifact.model.num_layers) for g in c.LORA_GROUPS}
+    # the graph takes LoRA inputs only where the build's adapters needed them
+    groups = {
+        (i, g)
+        for i in range(artifact.model.num_layers)
+        for g in c.LORA_GROUPS
+        if c.LORA_A % (i, g) in shapes and c.LORA_B % (i, g) in shapes
+    }
     known = {(i, p) for i, g in groups for p in c.LORA_GROUPS[g]}
     if set(parts) - known:
-        raise ArtifactError(f"adapter {name!r} adapts {sorted(set(parts) - known)[0]}, which the graph does not have")
+        i, part = sorted(set(parts) - known)[0]
+        raise ArtifactError(
+            f"adapter {name!r} adapts layer {i} {part}, for which {artifact.model_path} takes no LoRA input; "
+            "rebuild the artifact with this adapter"
+        )
     for i, group in sorted(groups):
         a_name, b_name = c.LORA_A % (i, group), c.LORA_B % (i, group)
-        if a_name not in shapes or b_name not in shapes:
-            raise ArtifactError(f"{artifact.model_path} lacks the LoRA input {a_name}; rebuild the artifact")
         k, out = int(shapes[a_name][0]), int(shapes[b_name][1])
         members = [parts.get((i, p), {}) for p in c.LORA_GROUPS[group]]
         sizes = _part_sizes(artifact, group, out)

@@ -219,9 +219,11 @@ class ChatSession:
         stop_strings: Sequence[str] = (),
         thinking_budget: int | None = None,
         grammar: Grammar | None = None,
+        logprobs: int | None = None,
     ) -> Generation:
         """Start the reply to a rendered conversation; `thinking_budget` overrides the session's. A
-        `grammar` (qwen_edge.constrain) holds the answer to it; a Qwen3 reply's thinking stays free."""
+        `grammar` (qwen_edge.constrain) holds the answer to it; a Qwen3 reply's thinking stays free.
+        `logprobs`: as in `Generator.generate`."""
         budget = self.thinking_budget if thinking_budget is None else self._check_budget(thinking_budget)
         hook = None
         if budget is not None and prompt.enable_thinking is not False:
@@ -232,7 +234,13 @@ class ChatSession:
             constraint = Constraint(grammar, self.generator, (*self._think_ids, prompt.thinking) if thinks else None)
         self.generator.set_adapter(self.adapter)
         return self.generator.generate(
-            prompt.ids, params, max_new_tokens, stop_strings=stop_strings, on_token=hook, constraint=constraint
+            prompt.ids,
+            params,
+            max_new_tokens,
+            stop_strings=stop_strings,
+            on_token=hook,
+            constraint=constraint,
+            logprobs=logprobs,
         )
 
     def send(

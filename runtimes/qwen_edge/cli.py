@@ -15,6 +15,7 @@ from . import __version__
 from .artifact import VERIFY_MODES, Artifact
 from .chat import ChatSession
 from .constrain import Constraint, load_grammar
+from .contract import SpeculationDefault
 from .errors import QwenEdgeError
 from .generator import Generation, Generator
 from .memory import peak_rss_mb
@@ -34,18 +35,42 @@ def _open(args) -> Generator:
 
 
 def _speculator(args, gen: Generator) -> Speculator | None:
-    """The speculator `--lookup` or `--draft ARTIFACT` asks for (None without either)."""
-    lookup, draft, k = args.lookup, args.draft, args.draft_tokens
+    """The speculator `--lookup` or `--draft ARTIFACT` asks for, else the one the artifact's manifest
+    names unless `--no-lookup`/`--no-draft` turn it off (None: plain decoding)."""
+    lookup, draft, k, ngram = args.lookup, args.draft, args.draft_tokens, args.lookup_ngram
     if lookup and draft:
         raise QwenEdgeError("--lookup and --draft are two ways to draft tokens; give one of them")
-    if k is not None and not (lookup or draft):
-        raise QwenEdgeError("--draft-tokens sets the draft length of --lookup or --draft; give one of them")
+    if draft and args.no_draft:
+        raise QwenEdgeError("--draft and --no-draft contradict each other; give one of them")
+    if not (lookup or draft):
+        default = SpeculationDefault.of(gen.artifact.manifest)
+        if default is not None and default.lookup and lookup is not False:
+            lookup, k = True, k or default.draft_tokens
+        elif default is not None and default.draft and not args.no_draft:
+            named, k = default.draft_path(gen.artifact.root), k or default.draft_tokens  # beside the artifact
+            if not (named / "manifest.json").is_file():
+                raise QwenEdgeError(
+                    f"the artifact's manifest names the draft {default.draft!r}, but {named} holds no artifact; "
+                    "pass --draft ARTIFACT (or --no-draft to decode without it)"
+                )
+            draft = str(named)
+    if (k is not None or ngram is not None) and not (lookup or draft):
+        raise QwenEdgeError("--draft-tokens/--lookup-ngram set --lookup or --draft; give one of them")
+    if ngram is not None and not lookup:
+        raise QwenEdgeError("--lookup-ngram sets the n-gram of --lookup; it does not apply to --draft")
     if lookup:
-        return PromptLookup(k=k or 10)
+        return PromptLookup(k=k or 10, **({"min_ngram": ngram, "max_ngram": max(3, ngram)} if ngram else {}))
     if draft:
         art = Artifact.open(draft, verify=args.verify)
         return DraftModel(Generator(art, max_length=min(gen.max_length, art.model.context_length)), gen, k=k or 4)
     return None
+
+
+def _speculation_label(spec: Speculator | None) -> str | None:
+    """How `bench` names the speculation in use."""
+    if isinstance(spec, DraftModel):
+        return f"draft {spec.draft.artifact.root}"
+    return "lookup" if isinstance(spec, PromptLookup) else None
 
 
 def _open_artifact(args) -> Artifact:
@@ -282,7 +307,7 @@ def cmd_bench(args) -> int:
         "decode_tps": decode["median"],
         "spread": {"ttft_ms": ttft, "prefill_tps": prefill, "decode_tps": decode},
         # decode_tps with speculation is the effective rate: generated tokens over decode time
-        "speculation": "lookup" if args.lookup else f"draft {args.draft}" if args.draft else None,
+        "speculation": _speculation_label(gen.speculator),
         "acceptance_rate": statistics.median(s.acceptance_rate for s in runs) if gen.speculator else None,
         "peak_rss_mb": peak_rss_mb(),  # the process's peak: the draft model's too
         "threads": art.profile.get("intra_op_num_threads", 0),
@@ -467,8 +492,10 @@ def _add_artifact_args(p: argparse.ArgumentParser) -> None:
 def _add_speculation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--lookup",
-        action="store_true",
-        help="speculative decoding with prompt lookup: draft from n-grams of the prompt and the reply (same output)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="speculative decoding with prompt lookup: draft from n-grams of the prompt and the reply (same output); "
+        "--no-lookup: not even when the artifact's manifest asks for it",
     )
     p.add_argument(
         "--draft",
@@ -477,7 +504,17 @@ def _add_speculation_args(p: argparse.ArgumentParser) -> None:
         help="speculative decoding with a smaller draft artifact of the same tokenizer (same output)",
     )
     p.add_argument(
+        "--no-draft", action="store_true", help="no draft model, not even the one the artifact's manifest names"
+    )
+    p.add_argument(
         "--draft-tokens", type=int, default=None, help="initial draft length, adapted as it goes (default 10 / 4)"
+    )
+    p.add_argument(
+        "--lookup-ngram",
+        type=int,
+        default=None,
+        metavar="N",
+        help="--lookup: the shortest n-gram a draft is looked up by (default 1)",
     )
 
 

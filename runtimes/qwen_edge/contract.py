@@ -141,3 +141,46 @@ LORA_GROUPS = {
 def adapter_file(name: str) -> str:
     """The artifact-relative file of a switchable adapter."""
     return f"{ADAPTERS_DIR}/{name}{ADAPTER_SUFFIX}"
+
+
+# default speculative decoding (manifest block SPECULATION_BLOCK, from the recipe's `speculation`)
+SPECULATION_BLOCK = "speculation"
+MAX_DRAFT_TOKENS = 16  # the longest initial draft length a recipe or a request may ask for
+
+
+@dataclass(frozen=True)
+class SpeculationDefault:
+    """The speculative decoding an artifact's manifest asks the runtime to use unless told otherwise:
+    prompt `lookup`, or a `draft` artifact (a path relative to the directory holding this artifact,
+    e.g. a sibling's name, or absolute), with an initial `draft_tokens` (None: the runtime's default)."""
+
+    lookup: bool = False
+    draft: str | None = None
+    draft_tokens: int | None = None
+
+    @classmethod
+    def of(cls, manifest: dict) -> "SpeculationDefault | None":
+        """The manifest's block (None when it has none); a malformed one is an ArtifactError."""
+        block = manifest.get(SPECULATION_BLOCK)
+        if block is None:
+            return None
+        k = block.get("draft_tokens") if isinstance(block, dict) else None
+        ok = (
+            isinstance(block, dict)
+            and set(block) <= {"lookup", "draft", "draft_tokens"}
+            and isinstance(block.get("lookup", False), bool)
+            and (block.get("draft") is None or (isinstance(block["draft"], str) and block["draft"]))
+            and (k is None or (type(k) is int and 1 <= k <= MAX_DRAFT_TOKENS))
+            and bool(block.get("lookup")) != (block.get("draft") is not None)
+        )
+        if not ok:
+            raise ArtifactError(
+                f"manifest.json: the {SPECULATION_BLOCK} block {json.dumps(block)[:200]} is malformed (one of lookup: "
+                f"true or draft: PATH, draft_tokens 1..{MAX_DRAFT_TOKENS}); rebuild the artifact"
+            )
+        return cls(bool(block.get("lookup")), block.get("draft"), k)
+
+    def draft_path(self, root: Path) -> Path:
+        """Where the draft artifact is for the artifact at `root`."""
+        path = Path(self.draft).expanduser()
+        return path if path.is_absolute() else Path(root).resolve().parent / path

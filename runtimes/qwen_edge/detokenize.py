@@ -2,7 +2,8 @@
 
 Built on `tokenizers.decoders.DecodeStream`, which decodes only a short window of recent tokens
 (constant work per token) and holds back while the window's text ends in U+FFFD (an incomplete
-UTF-8 sequence split across byte-level tokens).
+UTF-8 sequence split across byte-level tokens). `flush` gives what is still held when generation ends:
+a model can end on bytes that never complete a character, and those decode to U+FFFD as in a full decode.
 """
 
 from __future__ import annotations
@@ -16,8 +17,25 @@ class Detokenizer:
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
         self.tokenizer = tokenizer
+        self._skip = skip_special_tokens
         self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+        self._last: list[int] = []  # the token that completed the last piece (decoding context for flush)
+        self._held: list[int] = []  # tokens pushed since, whose text is not out yet
 
     def push(self, token_id: int) -> str:
         """Add one token; return the text it completes."""
-        return self._stream.step(self.tokenizer, int(token_id)) or ""
+        piece = self._stream.step(self.tokenizer, int(token_id)) or ""
+        if piece:
+            self._last, self._held = [int(token_id)], []
+        else:
+            self._held.append(int(token_id))
+        return piece
+
+    def flush(self) -> str:
+        """The text of the tokens still held back (an incomplete character decodes to U+FFFD)."""
+        if not self._held:
+            return ""
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=self._skip)  # noqa: E731
+        text, prefix = decode(self._last + self._held), decode(self._last)
+        self._held = []
+        return text[len(prefix) :] if text.startswith(prefix) else text

@@ -24,6 +24,7 @@ from tokenizers import Tokenizer
 from .artifact import Artifact
 from .detokenize import Detokenizer
 from .errors import ArtifactError, ContextOverflowError, QwenEdgeError
+from .logprobs import MAX_TOP, TokenLogprob, token_logprob
 from .runner import Runner, open_runner
 from .sampling import Sampler, SamplingParams
 from .speculative import Speculator, verify
@@ -66,6 +67,7 @@ class Generation:
     finish_reason: str | None = None  # "stop", "length" or "max_tokens"
     notice: str | None = None
     stats: GenerationStats = field(default_factory=GenerationStats)
+    logprobs: list[TokenLogprob] | None = None  # one per token of token_ids when asked for (qwen_edge.logprobs)
 
     def __iter__(self) -> Iterator[str]:
         return self._pieces
@@ -91,15 +93,18 @@ class _StopFilter:
     def __init__(self, stops: Iterable[str]):
         self.stops = tuple(s for s in stops if s)
         self.held = ""
+        self.hit = False  # a stop string was found: nothing after it is text
 
     def push(self, piece: str) -> tuple[str, bool]:
         """Return (text safe to emit, whether a stop string was found)."""
+        if self.hit:
+            return "", True
         if not self.stops:
             return piece, False
         buf = self.held + piece
         hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
         if hits:
-            self.held = ""
+            self.held, self.hit = "", True
             return buf[: min(hits)], True
         hold = max(
             (k for s in self.stops for k in range(1, min(len(s), len(buf) + 1)) if buf.endswith(s[:k])), default=0
@@ -241,6 +246,7 @@ class Generator:
         stop_token_ids: Iterable[int] | None = None,
         on_token: Callable[[int], Sequence[int] | None] | None = None,
         constraint=None,
+        logprobs: int | None = None,
     ) -> Generation:
         """Generate after the whole sequence `prompt_ids` (its cached prefix is reused).
 
@@ -249,12 +255,18 @@ class Generator:
         after `max_new_tokens`, or at the end of the context. `on_token(id)` may return token ids to
         force after a sampled token (e.g. closing a thinking block); they count as generated.
         A `constraint` (qwen_edge.constrain) masks every pick and is told every token, forced ones too.
+        `logprobs` (0..20; None = off) fills `Generation.logprobs`: each token's log-probability under
+        the model and that many top alternatives (qwen_edge.logprobs).
         """
         ids = np.asarray(prompt_ids, dtype=np.int64).reshape(-1)
         if ids.size == 0:
             raise QwenEdgeError("the prompt is empty; give at least one token")
         if max_new_tokens < 1:
             raise QwenEdgeError(f"max_new_tokens must be >= 1, not {max_new_tokens}")
+        if logprobs is not None and (
+            isinstance(logprobs, bool) or not isinstance(logprobs, int) or not 0 <= logprobs <= MAX_TOP
+        ):
+            raise QwenEdgeError(f"logprobs must be an integer from 0 to {MAX_TOP} (None = off), not {logprobs!r}")
         if ids.size >= self.max_length:
             more = (
                 f", raise --max-length (up to {self.artifact.model.context_length})"
@@ -267,14 +279,15 @@ class Generator:
                 f"{more}, or use an artifact built with a longer context"
             )
         stops = frozenset(self.eos_token_ids if stop_token_ids is None else stop_token_ids)
-        gen = Generation(_pieces=iter(()))
+        gen = Generation(_pieces=iter(()), logprobs=None if logprobs is None else [])
         sampler = Sampler(params, mask=constraint.mask if constraint is not None else None)
         if constraint is not None:
             on_token = _told(constraint, on_token)
-        gen._pieces = self._run(gen, ids, sampler, max_new_tokens, _StopFilter(stop_strings), stops, on_token)
+        stop_text = _StopFilter(stop_strings)
+        gen._pieces = self._run(gen, ids, sampler, max_new_tokens, stop_text, stops, on_token, logprobs)
         return gen
 
-    def _run(self, gen: Generation, ids, sampler: Sampler, max_new: int, stop_text: _StopFilter, stops, on_token):
+    def _run(self, gen: Generation, ids, sampler: Sampler, max_new: int, stop_text: _StopFilter, stops, on_token, top):
         stats = gen.stats
         t0 = time.perf_counter()
         reuse = min(self.common_prefix(ids), ids.size - 1)  # the last prompt token is always fed for its logits
@@ -305,6 +318,9 @@ class Generator:
                 break
             new = [token, *(on_token(token) or ())] if on_token else [token]
             gen.token_ids.extend(new)
+            if top is not None:  # `logits` is the row the token was picked from, in both paths
+                gen.logprobs.append(token_logprob(logits, token, top))
+                gen.logprobs.extend(TokenLogprob(t, None) for t in new[1:])
             stats.new_tokens += 1
             text, hit = stop_text.push("".join(detok.push(t) for t in new))
             if text:
@@ -354,7 +370,7 @@ class Generator:
         if ahead:
             self.truncate(self._pos - len(ahead))
         stats.decode_s = t_last - t_first
-        tail = stop_text.flush()
+        tail = stop_text.push(detok.flush())[0] + stop_text.flush()  # bytes that never completed a character
         if tail:
             gen.pieces.append(tail)
             yield tail

@@ -20,6 +20,11 @@ Endpoints (JSON; errors are `{"error": {"message", "type", "param", "code"}}` wi
   reply come back as `tool_calls` (streamed as one tool-call delta per call), a malformed one as text;
   `tool_choice` none (tools not rendered) / auto / required / a named function (required and named
   constrain the reply to one valid call, several with `parallel_tool_calls: true` under required).
+  `logprobs: true` with `top_logprobs` (0..20) gives `choices[].logprobs.content` (token, logprob,
+  bytes, top_logprobs; streamed with the deltas) from the model's distribution (qwen_edge.logprobs).
+  Extension `speculation: {"lookup": bool, "draft": false, "draft_tokens": 1..16}` (chat and
+  completions): prompt lookup on or off for this request, the server's draft model (`serve --draft`)
+  off, the initial draft length; the reply is the same, only its speed changes.
   Any other field is a 400 naming it. `finish_reason` is "stop" (end of turn or a stop string),
   "tool_calls" or "length" (max tokens or the end of the context).
   With `stream` the reply is server-sent events: `data: {chat.completion.chunk}` lines (first the
@@ -27,7 +32,8 @@ Endpoints (JSON; errors are `{"error": {"message", "type", "param", "code"}}` wi
   ending with `data: [DONE]`.
 - `POST /v1/completions`: `prompt` (raw text, no chat template), or with `suffix` fill-in-the-middle
   with the model's FIM tokens (Qwen2.5-Coder; a 400 for a vocabulary without them); `max_tokens`
-  (default: the rest of the context), the sampling fields, `stop`, `n` (1), `stream`, `stream_options`.
+  (default: the rest of the context), the sampling fields, `stop`, `n` (1), `stream`, `stream_options`,
+  `logprobs` (0..5: tokens, token_logprobs, top_logprobs, text_offset).
 - `GET /health`: `{"status": "ok", "model": id}`.
 
 Statuses: 400 malformed JSON or a missing/invalid field (`invalid_request_error`), 400 with code
@@ -56,16 +62,21 @@ import time
 import uuid
 from dataclasses import dataclass
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import unquote
 
 from .adapters import adapter_names
 from .chat import ChatSession, ThinkingSplitter
 from .constrain import Grammar, validate
+from .contract import MAX_DRAFT_TOKENS
+from .detokenize import Detokenizer
 from .errors import ContextOverflowError, QwenEdgeError
 from .fim import fim_prompt, fim_stop_ids
 from .generator import Generator
+from .listen import Listener
+from .logprobs import MAX_TOP, TokenText
 from .sampling import SamplingParams
+from .speculative import DraftModel, PromptLookup
 from .tools import CLOSE, OPEN, ToolCallStream, call_grammar, parse_reply, tool_names
 
 MAX_BODY = 16 << 20
@@ -290,13 +301,14 @@ CHAT_FIELDS = frozenset(
     {
         "model", "messages", "max_completion_tokens", "max_tokens", "temperature", "top_p", "seed", "stop", "n",
         "stream", "stream_options", "top_k", "min_p", "repetition_penalty", "chat_template_kwargs",
-        "thinking_budget", "response_format", "tools", "tool_choice", "parallel_tool_calls",
+        "thinking_budget", "response_format", "tools", "tool_choice", "parallel_tool_calls", "logprobs",
+        "top_logprobs", "speculation",
     }
 )  # fmt: skip
 COMPLETION_FIELDS = frozenset(
     {
         "model", "prompt", "suffix", "max_tokens", "temperature", "top_p", "seed", "stop", "n", "stream",
-        "stream_options", "top_k", "min_p", "repetition_penalty",
+        "stream_options", "top_k", "min_p", "repetition_penalty", "logprobs", "speculation",
     }
 )  # fmt: skip
 
@@ -429,6 +441,114 @@ def reply_grammar(engine: "Engine", body: dict, tools: list[dict], choice: str |
     return grammar
 
 
+MAX_COMPLETION_LOGPROBS = 5  # the legacy completions API's limit
+
+
+def parse_logprobs(body: dict, chat: bool) -> int | None:
+    """How many top alternatives each token's logprobs carry (None: no logprobs). Chat: `logprobs: true`
+    with `top_logprobs` 0..20; completions: `logprobs` 0..5."""
+    if not chat:
+        top = _integer(body, "logprobs", None, 0)
+        if top is not None and top > MAX_COMPLETION_LOGPROBS:
+            raise RequestError(
+                400, f"`logprobs` must be from 0 to {MAX_COMPLETION_LOGPROBS}, not {top}", param="logprobs"
+            )
+        return top
+    on = body.get("logprobs")
+    if on is not None and not isinstance(on, bool):
+        raise RequestError(400, f"`logprobs` must be true or false, not {json.dumps(on)}", param="logprobs")
+    top = _integer(body, "top_logprobs", None, 0)
+    if top is not None and not on:
+        raise RequestError(400, "`top_logprobs` needs `logprobs: true`", param="top_logprobs")
+    if top is not None and top > MAX_TOP:
+        raise RequestError(400, f"`top_logprobs` must be from 0 to {MAX_TOP}, not {top}", param="top_logprobs")
+    return (top or 0) if on else None
+
+
+def chat_logprobs(text: TokenText, entries) -> dict:
+    """Chat `choices[].logprobs` for some tokens' entries (qwen_edge.logprobs)."""
+
+    def one(token: int, logprob) -> dict:
+        piece, data = text(token)
+        return {"token": piece, "logprob": logprob, "bytes": list(data)}
+
+    content = [{**one(e.token, e.logprob), "top_logprobs": [one(i, lp) for i, lp in e.top]} for e in entries]
+    return {"content": content, "refusal": None}
+
+
+class CompletionLogprobs:
+    """The legacy completions `logprobs` block, chunk by chunk: `text_offset` counts characters from the
+    start of the prompt text (as OpenAI's does) in the text the tokens decode to; a token after part of
+    a character starts after that part's replacement character."""
+
+    def __init__(self, engine: "Engine", prompt: str):
+        self.text, self.offset, self.held = engine.token_text, len(prompt), []
+        self.tokenizer = engine.generator.tokenizer
+        self.detok = Detokenizer(self.tokenizer)
+
+    def block(self, entries) -> dict:
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for e in entries:
+            out["tokens"].append(self.text(e.token)[0])
+            out["token_logprobs"].append(e.logprob)
+            out["top_logprobs"].append({self.text(i)[0]: lp for i, lp in e.top})
+            out["text_offset"].append(self.offset + (len(self.tokenizer.decode(self.held)) if self.held else 0))
+            piece = self.detok.push(e.token)
+            self.held.append(e.token)
+            if piece:  # the held tokens' text is out
+                self.offset, self.held = self.offset + len(piece), []
+        return out
+
+
+def parse_speculation(value, default):
+    """The speculator a request asks for with `speculation: {lookup, draft, draft_tokens}` (extension):
+    prompt lookup on or off (it needs no second model, so any server has it), the server's draft model
+    (`serve --draft`) off, an initial draft length; `default` is the server's own (None: plain decoding)."""
+    if value is None:
+        return default
+    if not isinstance(value, dict):
+        raise RequestError(
+            400, "`speculation` must be an object: {lookup: bool, draft: bool, draft_tokens: int}", param="speculation"
+        )
+    unknown = sorted(set(value) - {"lookup", "draft", "draft_tokens"})
+    if unknown:
+        raise RequestError(
+            400,
+            f"`speculation.{unknown[0][:100]}` is not supported; use lookup, draft or draft_tokens",
+            param="speculation",
+        )
+    lookup, draft, k = value.get("lookup"), value.get("draft"), value.get("draft_tokens")
+    for name, flag in (("lookup", lookup), ("draft", draft)):
+        if flag is not None and not isinstance(flag, bool):
+            raise RequestError(400, f"`speculation.{name}` must be true or false", param="speculation")
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_DRAFT_TOKENS):
+        raise RequestError(
+            400, f"`speculation.draft_tokens` must be an integer from 1 to {MAX_DRAFT_TOKENS}", param="speculation"
+        )
+    if lookup and draft:
+        raise RequestError(400, "`speculation`: lookup and draft exclude each other; pick one", param="speculation")
+    if draft and not isinstance(default, DraftModel):
+        raise RequestError(
+            400,
+            "`speculation.draft`: this server has no draft model; start it with `qwen-edge serve --draft ARTIFACT`",
+            param="speculation",
+        )
+    spec = default
+    if lookup:
+        spec = default if isinstance(default, PromptLookup) else PromptLookup()
+    elif (lookup is False and isinstance(default, PromptLookup)) or (
+        draft is False and isinstance(default, DraftModel)
+    ):
+        spec = None
+    if k is not None:
+        if spec is None:
+            raise RequestError(
+                400, "`speculation.draft_tokens` needs lookup or a draft model in use", param="speculation"
+            )
+        spec = spec.with_length(k)
+    return spec
+
+
 def parse_prompt(value) -> str:
     """A completion's `prompt`: a string (or a list holding one)."""
     if isinstance(value, list) and len(value) == 1:
@@ -503,6 +623,8 @@ class Engine:
             )
         self.created = int(generator.artifact.model_path.stat().st_mtime)
         self.lock = TurnLock()
+        self.token_text = TokenText(generator.tokenizer)
+        self.speculator = generator.speculator  # the server's own; a request may change it for its turn
 
     def model_card(self, model_id: str | None = None) -> dict:
         return {"id": model_id or self.model_id, "object": "model", "created": self.created, "owned_by": "qwen-edge"}
@@ -580,6 +702,8 @@ class Engine:
             "grammar": reply_grammar(self, body, tools, choice),
             "tools": tool_names(tools) if choice is not None else None,
             "parallel": parallel,
+            "logprobs": parse_logprobs(body, chat=True),
+            "speculator": parse_speculation(body.get("speculation"), self.speculator),
         }
 
     def prepare_completion(self, body: dict) -> dict:
@@ -610,6 +734,9 @@ class Engine:
             )
         return {
             "model": model,
+            "prompt_text": prompt,
+            "logprobs": parse_logprobs(body, chat=False),
+            "speculator": parse_speculation(body.get("speculation"), self.speculator),
             "prompt_ids": ids,
             "stop_ids": stop_ids,
             "params": parse_params(body),
@@ -622,6 +749,7 @@ class Engine:
     def _start(self, request: dict):
         """Start the generation a prepared request asks for (a chat reply or a completion)."""
         chat = self.chats[request["model"]]
+        self.generator.speculator = request["speculator"]
         if "prompt_ids" in request:
             self.generator.set_adapter(chat.adapter)
             return self.generator.generate(
@@ -630,6 +758,7 @@ class Engine:
                 request["max_tokens"],
                 request["stop"],
                 stop_token_ids=request["stop_ids"],
+                logprobs=request["logprobs"],
             )
         return chat.generate(
             request["prompt"],
@@ -638,6 +767,7 @@ class Engine:
             request["stop"],
             thinking_budget=request["thinking_budget"],
             grammar=request["grammar"],
+            logprobs=request["logprobs"],
         )
 
     def splitter(self, request: dict) -> ThinkingSplitter | None:
@@ -645,13 +775,13 @@ class Engine:
         return ThinkingSplitter(request["prompt"].thinking) if self.splits_thinking else None
 
     def run(self, request: dict, alive=lambda: True):
-        """Generate under the lock, yielding text pieces; returns the Generation. Stops early (ClientGone)
-        when `alive()` turns false."""
+        """Generate under the lock, yielding text pieces; returns the Generation (also `request["generation"]`
+        once started, for what streams beside the text). Stops early (ClientGone) when `alive()` turns false."""
         with self.lock:
             if not alive():
                 raise ClientGone()
             try:
-                gen = self._start(request)
+                gen = request["generation"] = self._start(request)
             except ContextOverflowError as e:
                 raise RequestError(400, str(e), code="context_length_exceeded") from None
             pieces = iter(gen)
@@ -912,6 +1042,7 @@ class Handler(BaseHTTPRequestHandler):
             if reasoning:
                 message["reasoning_content"] = reasoning
         finish = _finish(gen)
+        logprobs = None if gen.logprobs is None else chat_logprobs(engine.token_text, gen.logprobs)
         if request["tools"] is not None:
             content, calls = parse_reply(message["content"], request["tools"])
             if calls:
@@ -923,7 +1054,7 @@ class Handler(BaseHTTPRequestHandler):
             {
                 **head,
                 "object": "chat.completion",
-                "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
+                "choices": [{"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish}],
                 "usage": _usage(gen),
             },
         )
@@ -932,9 +1063,15 @@ class Handler(BaseHTTPRequestHandler):
         chunk = {**head, "object": "chat.completion.chunk"}
         splitter = self.engine.splitter(request)
 
-        def event(delta=None, finish=None, usage=None) -> None:
+        told = 0  # the tokens whose logprobs were sent
+
+        def event(delta=None, finish=None, usage=None, carry=True) -> None:
+            nonlocal told
+            logprobs, entries = None, request["generation"].logprobs if delta is not None and carry else None
+            if entries is not None and len(entries) > told:  # the tokens since the last event
+                logprobs, told = chat_logprobs(self.engine.token_text, entries[told:]), len(entries)
             choices = (
-                [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
+                [] if delta is None else [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]
             )
             extra = {"usage": usage} if usage is not None else ({"usage": None} if request["usage"] else {})
             self._sse({**chunk, "choices": choices, **extra})
@@ -956,7 +1093,7 @@ class Handler(BaseHTTPRequestHandler):
                     deliver(*part)
 
         try:
-            event({"role": "assistant", "content": ""})
+            event({"role": "assistant", "content": ""}, carry=False)
             if first is not None:
                 text(splitter.push(first) if splitter else [("content", first)])
                 try:
@@ -1009,9 +1146,16 @@ class Handler(BaseHTTPRequestHandler):
             "system_fingerprint": None,
         }
         pieces = engine.run(request, self._alive)
+        blocks = CompletionLogprobs(engine, request["prompt_text"]) if request["logprobs"] is not None else None
+        told = 0  # the tokens whose logprobs were sent
 
         def choice(text: str, finish: str | None) -> dict:
-            return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+            nonlocal told
+            logprobs = None
+            if blocks is not None:
+                entries = request["generation"].logprobs
+                logprobs, told = blocks.block(entries[told:]), len(entries)
+            return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
         if not request["stream"]:
             text = []
@@ -1046,10 +1190,8 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
 
-class ChatServer(ThreadingHTTPServer):
+class ChatServer(Listener):
     """A threading HTTP server holding one Engine."""
-
-    daemon_threads = True
 
     def __init__(
         self,
@@ -1063,20 +1205,8 @@ class ChatServer(ThreadingHTTPServer):
         self.engine, self.quiet = engine, quiet
         self.limits, self.guard = limits or Limits(), guard or Guard()
         engine.lock.max_waiting, engine.lock.wait_timeout = self.limits.max_waiting, self.limits.wait_timeout
-        try:
-            super().__init__((host, port), Handler)
-        except OSError as e:
-            raise QwenEdgeError(
-                f"cannot listen on {host}:{port} ({e.strerror}); pick another --port or --host"
-            ) from None
-
-    def handle_error(self, request, client_address) -> None:
-        """A client resetting its connection is routine; anything else is logged on one line."""
-        error = sys.exc_info()[1]
-        if not isinstance(error, (ConnectionError, TimeoutError)):
-            print(f"qwen-edge serve: error with client {client_address[0]}: {error!r}", file=sys.stderr)
+        super().__init__(host, port, Handler)
 
     @property
     def url(self) -> str:
-        host, port = self.server_address[:2]
-        return f"http://{host}:{port}/v1"
+        return f"{self.origin}/v1"

@@ -20,6 +20,7 @@ round with fewer than half accepted.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -51,6 +52,9 @@ class Speculator(Protocol):
     def feedback(self, proposed: int, accepted: int) -> None:
         """How many of the last round's drafts the target kept."""
 
+    def with_length(self, k: int) -> "Speculator":
+        """The same speculator starting at draft length `k` (what it holds, e.g. a draft model, shared)."""
+
 
 class AdaptiveK:
     """The draft length: +1 after a round with every draft accepted, -1 after one with under half kept."""
@@ -73,7 +77,17 @@ class AdaptiveK:
             self.k = max(1, self.k - 1)
 
 
-class PromptLookup:
+class _Resizable:
+    length: AdaptiveK
+
+    def with_length(self, k: int):
+        """The same speculator starting at draft length `k` (what it holds, e.g. a draft model, shared)."""
+        other = copy.copy(self)
+        other.length = AdaptiveK(k, max(k, self.length.k_max))
+        return other
+
+
+class PromptLookup(_Resizable):
     """Drafts from n-grams: the tokens after the latest earlier occurrence of the last `n` tokens,
     longest n first (`max_ngram` down to `min_ngram`)."""
 
@@ -104,7 +118,7 @@ class PromptLookup:
         self.length.update(proposed, accepted)
 
 
-class DraftModel:
+class DraftModel(_Resizable):
     """A smaller artifact with the target's tokenizer runs `k` tokens ahead (greedy when the target is,
     else sampled with the same parameters) over its own KV cache."""
 

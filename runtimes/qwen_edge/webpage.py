@@ -13,10 +13,11 @@ import posixpath
 import re
 import sys
 from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from http.server import SimpleHTTPRequestHandler
 from pathlib import Path
 
 from .errors import QwenEdgeError
+from .listen import Listener
 
 JS_DIR = Path(__file__).resolve().parents[1] / "js"
 PAGE_DIR = "web"
@@ -99,27 +100,15 @@ class _Handler(SimpleHTTPRequestHandler):
             print(f"qwen-edge serve --web: {self.address_string()} {format % args}", file=sys.stderr)
 
 
-class WebServer(ThreadingHTTPServer):
+class WebServer(Listener):
     """Serves the chat page at /web/ and the artifact folder (or unpacked web bundle) `root` at /."""
 
-    daemon_threads = True
+    label = "qwen-edge serve --web"
 
     def __init__(self, root: str | Path, host: str = "127.0.0.1", port: int = 8000, quiet: bool = False):
         handler = partial(_Handler, directory=str(Path(root).resolve()), page=page_files(), quiet=quiet)
-        try:
-            super().__init__((host, port), handler)
-        except OSError as e:
-            raise QwenEdgeError(
-                f"cannot listen on {host}:{port} ({e.strerror}); pick another --port or --host"
-            ) from None
-
-    def handle_error(self, request, client_address) -> None:
-        """A browser dropping a connection mid-file is routine; anything else is logged on one line."""
-        error = sys.exc_info()[1]
-        if not isinstance(error, (ConnectionError, TimeoutError)):
-            print(f"qwen-edge serve --web: error with client {client_address[0]}: {error!r}", file=sys.stderr)
+        super().__init__(host, port, handler)
 
     @property
     def url(self) -> str:
-        host, port = self.server_address[:2]
-        return f"http://{host}:{port}/{PAGE_DIR}/"
+        return f"{self.origin}/{PAGE_DIR}/"

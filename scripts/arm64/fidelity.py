@@ -1,12 +1,15 @@
 """An artifact's fidelity on aarch64 beside x86-64: top-1 agreement and mean KL against the same fp32 reference.
 
-    .venv/bin/python scripts/arm64/fidelity.py ARTIFACT [--tokens 256] [--reference SPEC] [--json]
+    .venv/bin/python scripts/arm64/fidelity.py ARTIFACT [--tokens 256] [--accuracy-level N] [--reference SPEC] [--json]
 
 On this x86-64 host: the shipped evaluation texts are cut to an equal share of ``--tokens``, the fp32
 transformers reference scores them (cached under the arm64 cache, keyed by source and token ids), the
 runtime scores them here, and the same runtime scores them as aarch64 under qemu-user
 (scripts/arm64/python running this file with ``--emit``, which needs only qwen_edge and numpy). The
 numbers come from edge.check.fidelity.compare, one per language and token-weighted overall.
+
+The MatMulNBits accuracy level is a node attribute fixed at build time; ``--accuracy-level`` scores a
+copy of the artifact whose nodes carry the given level instead (the other files hard-linked where they can be).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -65,6 +69,43 @@ def reference(spec: str, source_sha: str, ids: dict[str, list[int]]) -> dict[str
     np.savez(tmp, **logits)
     tmp.replace(path)
     return logits
+
+
+def with_accuracy_level(artifact_dir: Path, level: int, out: Path) -> Path:
+    """`out` as the artifact with every MatMulNBits at `level`: model.onnx rewritten, the manifest's entry
+    for it updated, every other file a hard link, else a copy (onnxruntime refuses external data behind a symlink
+    that leaves the model's folder; a signed artifact's signature would no longer match)."""
+    import onnx
+
+    from edge.artifact.manifest import write_json
+    from qwen_edge.artifact import sha256_file
+
+    manifest = json.loads((artifact_dir / "manifest.json").read_text())
+    model = onnx.load(artifact_dir / "model.onnx", load_external_data=False)
+    nodes = [n for n in model.graph.node if n.op_type == "MatMulNBits" and n.domain == "com.microsoft"]
+    if not nodes:
+        raise SystemExit(f"{artifact_dir}: no MatMulNBits nodes, --accuracy-level does not apply")
+    for node in nodes:
+        for attr in node.attribute:
+            if attr.name == "accuracy_level":
+                attr.i = level
+        if not any(attr.name == "accuracy_level" for attr in node.attribute):
+            node.attribute.append(onnx.helper.make_attribute("accuracy_level", level))
+    out.mkdir(parents=True)
+    for name in manifest["files"]:
+        if name != "model.onnx":
+            try:
+                os.link(artifact_dir / name, out / name)
+            except OSError:
+                shutil.copy2(artifact_dir / name, out / name)
+    onnx.save(model, out / "model.onnx")
+    manifest["files"]["model.onnx"] = {
+        "size": (out / "model.onnx").stat().st_size,
+        "sha256": sha256_file(out / "model.onnx"),
+    }
+    manifest["profile"]["accuracy_level"] = level
+    write_json(out / "manifest.json", manifest)
+    return out
 
 
 def aarch64_logits(artifact: Path, ids: dict[str, list[int]]) -> tuple[dict[str, np.ndarray], float]:
@@ -122,6 +163,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=256, help="total token budget over the evaluation texts")
     parser.add_argument("--reference", help="source of the fp32 reference (default: the manifest's source spec)")
     parser.add_argument("--json", action="store_true", help="print the full result as JSON")
+    parser.add_argument(
+        "--accuracy-level",
+        type=int,
+        choices=(0, 1, 2, 3, 4),
+        help="score a copy whose MatMulNBits nodes use this accuracy level (default: the artifact's own)",
+    )
     parser.add_argument("--emit", nargs=3, metavar=("ARTIFACT", "IDS", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.emit:
@@ -131,11 +178,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give the artifact directory to measure")
     if args.tokens < 8:
         parser.error("--tokens must be at least 8 (two per evaluation text)")
-    result = measure(args.artifact, args.tokens, args.reference)
+    if args.accuracy_level is None:
+        result = measure(args.artifact, args.tokens, args.reference)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            copy = with_accuracy_level(args.artifact.resolve(), args.accuracy_level, Path(tmp) / "artifact")
+            result = measure(copy, args.tokens, args.reference)
+        result.update(artifact=str(args.artifact), accuracy_level=args.accuracy_level)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    print(f"{result['artifact']}: {sum(result['tokens'].values())} positions {result['tokens']}")
+    level = f", accuracy_level {args.accuracy_level}" if args.accuracy_level is not None else ""
+    print(f"{result['artifact']}{level}: {sum(result['tokens'].values())} positions {result['tokens']}")
     for side in ("x86_64", "aarch64", "aarch64_vs_x86_64"):
         o = result[side]["overall"]
         print(f"  {side:18} top-1 {o['top1_agreement']:.4f}  KL {o['mean_kl']:.4f}")

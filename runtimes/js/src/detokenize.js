@@ -4,7 +4,9 @@
  * Byte-level BPE splits a multi-byte UTF-8 character over several tokens; decoding such a partial
  * sequence ends in U+FFFD. Tokens are held back while the pending text ends in U+FFFD, and each
  * piece is the decoded text of (last emitted token + pending tokens) minus that of the last emitted
- * token, so work per token stays constant and word boundaries decode as in the full text.
+ * token, so work per token stays constant and word boundaries decode as in the full text. `flush`
+ * gives what is still held when generation ends: bytes that never complete a character decode to
+ * U+FFFD, as in a full decode.
  */
 
 export class Detokenizer {
@@ -24,7 +26,16 @@ export class Detokenizer {
   push(id) {
     this.pending.push(id);
     const text = this.#decode([...this.context, ...this.pending]);
-    if (text.endsWith('\uFFFD')) return '';
+    return text.endsWith('\uFFFD') ? '' : this.#take(text);
+  }
+
+  /** The text of the tokens still held back ('' if none). */
+  flush() {
+    return this.pending.length ? this.#take(this.#decode([...this.context, ...this.pending])) : '';
+  }
+
+  /** `text` (the decode of context + pending) minus the context's: the pending tokens' piece. */
+  #take(text) {
     const prefix = this.#decode(this.context);
     this.context = this.pending.slice(-1);
     this.pending = [];

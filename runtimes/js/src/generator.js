@@ -43,15 +43,18 @@ export class StopFilter {
   constructor(stops) {
     this.stops = stops.filter((s) => s);
     this.held = '';
+    this.hit = false; // a stop string was found: nothing after it is text
   }
 
   /** Return [text safe to emit, whether a stop string was found]. */
   push(piece) {
+    if (this.hit) return ['', true];
     if (!this.stops.length) return [piece, false];
     const buf = this.held + piece;
     const hits = this.stops.map((s) => buf.indexOf(s)).filter((i) => i >= 0);
     if (hits.length) {
       this.held = '';
+      this.hit = true;
       return [buf.slice(0, Math.min(...hits)), true];
     }
     let hold = 0;
@@ -330,7 +333,8 @@ export class Generator {
       logits = await this.#step(fresh);
     }
     stats.decodeS = tLast - tFirst;
-    const tail = stopText.flush();
+    // bytes that never completed a character
+    const tail = stopText.push(detok.flush())[0] + stopText.flush();
     if (tail) {
       gen.text += tail;
       yield tail;

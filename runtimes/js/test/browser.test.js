@@ -3,11 +3,13 @@
  * artifact, packaged and unpacked by the Python toolkit, chats with the Python loop's greedy tokens over two
  * turns (the KV cache carried across them), refuses a file whose sha256 differs from bundle.json, opens again
  * from Cache Storage (page and model) once the server is gone, and `qwen-edge serve --web` serves an
- * artifact folder to it.
+ * artifact folder to it. On WebGPU through Chromium's software adapter (SwiftShader), tiny int4 Qwen2 (qkv bias)
+ * and Qwen3 artifacts give the Python loop's greedy tokens: a check of onnxruntime-web's WebGPU kernels on our
+ * graphs (MatMulNBits with 3 or 4 inputs), not of speed.
  */
 
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
 import { cpSync, existsSync, readFileSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
@@ -25,6 +27,26 @@ function qwenEdge(args) {
     let err = '';
     child.stderr.on('data', (d) => (err += d));
     child.on('exit', (code) => (code === 0 ? resolve() : reject(new Error(`qwen-edge ${args[0]} failed: ${err}`))));
+  });
+}
+
+let tiny;
+/** The tiny artifacts, built once for every suite of this file. */
+const tinyArtifacts = () => (tiny ??= buildTinyArtifacts());
+
+/** `qwen-edge serve --web DIR` on a free port; resolves to {url (the page), close}. */
+function serveWeb(dir) {
+  const child = spawn(python(), ['-m', 'qwen_edge', 'serve', dir, '--web', '--port', '0', '--quiet'], {
+    cwd: REPO, stdio: ['ignore', 'ignore', 'pipe'],
+  });
+  return new Promise((resolve, reject) => {
+    let err = '';
+    child.stderr.on('data', (d) => {
+      err += d;
+      const m = err.match(/at (http:\/\/\S+\/web\/)/);
+      if (m) resolve({ url: m[1], close: () => child.kill() });
+    });
+    child.on('exit', () => reject(new Error(`qwen-edge serve --web exited: ${err}`)));
   });
 }
 
@@ -46,7 +68,7 @@ describe('chat page in headless Chromium', { skip: SKIP }, () => {
   let bundleDir;
   let browser;
   before(async () => {
-    artifacts = buildTinyArtifacts();
+    artifacts = tinyArtifacts();
     const zip = path.join(tempDir(), 'tiny-web.zip');
     bundleDir = path.join(tempDir(), 'bundle');
     await qwenEdge(['package', artifacts['qwen3-int4'], '--target', 'web', '--out', zip, '--license-id', 'Apache-2.0']);
@@ -118,35 +140,107 @@ describe('chat page in headless Chromium', { skip: SKIP }, () => {
 
   test('qwen-edge serve --web serves an artifact folder to the page (raw greedy prompt)', async () => {
     const dir = artifacts['qwen2-fp32'];
-    const child = spawn(python(), ['-m', 'qwen_edge', 'serve', dir, '--web', '--port', '0', '--quiet'], {
-      cwd: REPO, stdio: ['ignore', 'ignore', 'pipe'],
-    });
+    const server = await serveWeb(dir);
     try {
-      const url = await new Promise((resolve, reject) => {
-        let err = '';
-        child.stderr.on('data', (d) => {
-          err += d;
-          const m = err.match(/at (http:\/\/\S+\/web\/)/);
-          if (m) resolve(m[1]);
-        });
-        child.on('exit', () => reject(new Error(`qwen-edge serve --web exited: ${err}`)));
-      });
-      const { page, state, status } = await openPage(browser, url);
+      const { page, state, status } = await openPage(browser, server.url);
       assert.equal(state, 'ready', status);
-      const text = 'def fibonacci(n: int) -> int:';
-      const js = await page.evaluate(async (t, n) => {
-        const { generator } = window.qwenEdge;
-        const g = generator.generate(generator.encode(t), undefined, { maxNewTokens: n });
-        return { text: await g.read(), tokenIds: [...g.tokenIds] };
-      }, text, MAX_NEW);
-      const [py] = pythonGreedy(dir, [{ text, max_new_tokens: MAX_NEW }]);
+      const js = await rawGreedy(page, CODE, MAX_NEW);
+      const [py] = pythonGreedy(dir, [{ text: CODE, max_new_tokens: MAX_NEW }]);
       assert.deepEqual(js.tokenIds, py.token_ids);
       assert.equal(js.text, py.text);
       await page.close();
     } finally {
-      child.kill();
+      server.close();
     }
   });
+});
+
+const CODE = 'def fibonacci(n: int) -> int:';
+
+/** Greedy generation after the raw text `text` (no chat template) in the loaded page. */
+function rawGreedy(page, text, maxNew) {
+  return page.evaluate(async (t, n) => {
+    const { generator } = window.qwenEdge;
+    generator.reset();
+    const g = generator.generate(generator.encode(t), undefined, { maxNewTokens: n });
+    return { text: await g.read(), tokenIds: [...g.tokenIds] };
+  }, text, maxNew);
+}
+
+// Chromium's software WebGPU adapter: the page then finds an adapter as on a machine with a GPU.
+const SWIFTSHADER = ['--enable-unsafe-webgpu', '--use-webgpu-adapter=swiftshader'];
+
+// A tiny int4 Qwen2 (with the qkv bias Qwen3 lacks), built like the conformance artifacts. Tied, as the
+// conformance Qwen3: an untied embedding keeps float16 scales, and onnxruntime-web then runs a float16 Cast on
+// WebGPU, which SwiftShader (no shader-f16) computes as zeros.
+const BUILD_QWEN2_INT4 = `
+import json, sys
+sys.path.insert(0, "tests/conformance")
+from make_conformance import ARTIFACTS, build_artifacts
+spec = {**ARTIFACTS["qwen3-int4"], "family": "qwen2"}
+print(json.dumps({k: str(v) for k, v in build_artifacts(sys.argv[1], {"qwen2-int4": spec}).items()}))
+`;
+
+/** The logits row of every position of `text`, run one cached step at a time in the loaded page. */
+function stepLogits(page, text) {
+  return page.evaluate(async (t) => {
+    const { generator } = window.qwenEdge;
+    generator.reset();
+    const rows = [];
+    for (const id of generator.encode(t)) rows.push([...(await generator.append([id]))]);
+    return rows;
+  }, text);
+}
+
+describe('WebGPU in headless Chromium (SwiftShader)', { skip: SKIP }, () => {
+  let artifacts;
+  let browser;
+  before(async () => {
+    const out = execFileSync(python(), ['-c', BUILD_QWEN2_INT4, tempDir()], { cwd: REPO, encoding: 'utf8' });
+    artifacts = { ...tinyArtifacts(), ...JSON.parse(out.trim().split('\n').pop()) };
+    browser = await launchChromium(SWIFTSHADER);
+  });
+  after(async () => {
+    await browser?.close();
+  });
+
+  for (const name of ['qwen2-int4', 'qwen3-int4']) {
+    test(`${name} on WebGPU: the Python loop's greedy tokens, WASM's logits`, async () => {
+      const server = await serveWeb(artifacts[name]);
+      try {
+        const { page, state, status, errors } = await openPage(browser, `${server.url}?ep=webgpu`);
+        assert.equal(state, 'ready', `${status} ${errors.join('; ')}`);
+        assert.match(status, / on webgpu,/);
+        const adapter = await page.evaluate(async () => (await navigator.gpu.requestAdapter()).info.architecture);
+        assert.equal(adapter, 'swiftshader');
+        // the kernels WebGPU ran (onnxruntime-web's profiling; a node left to WASM does not appear)
+        await page.evaluate(async () => {
+          const ort = await import('onnxruntime-web');
+          window.webgpuKernels = new Set();
+          ort.env.webgpu.profiling = { mode: 'default', ondata: (d) => window.webgpuKernels.add(d.kernelType) };
+        });
+        const js = await rawGreedy(page, CODE, MAX_NEW);
+        const kernels = await page.evaluate(() => [...window.webgpuKernels]);
+        assert.ok(['MatMulNBits', 'GroupQueryAttention'].every((k) => kernels.includes(k)), kernels.join(' '));
+        // The tiny random models soon repeat one token, so every cached step's logits are checked too: against
+        // WASM in the same browser (the Python loop's int8 activations at accuracy level 4 differ by ~2%).
+        const rows = await stepLogits(page, CODE);
+        await page.close();
+        const wasm = await openPage(browser, `${server.url}?ep=wasm`);
+        assert.equal(wasm.state, 'ready', wasm.status);
+        const want = await stepLogits(wasm.page, CODE);
+        await wasm.page.close();
+        const scale = Math.max(1, ...want.flat().map(Math.abs));
+        const diff = Math.max(...rows.flatMap((row, i) => row.map((v, j) => Math.abs(v - want[i][j]))));
+        assert.ok(diff < 1e-4 * scale, `WebGPU and WASM logits differ by ${diff} (scale ${scale})`);
+        const [py] = pythonGreedy(artifacts[name], [{ text: CODE, max_new_tokens: MAX_NEW }]);
+        assert.deepEqual(js.tokenIds, py.token_ids);
+        assert.equal(js.text, py.text);
+      } finally {
+        server.close();
+      }
+    });
+  }
 });
 
 const REAL = process.env.QWEN_EDGE_REAL_ARTIFACT;
@@ -156,21 +250,10 @@ test('real artifact in Chromium (WASM): greedy tokens equal the Python loop', {
 }, async () => {
   const prompt = JSON.parse(readFileSync(path.join(REPO, 'edge', 'data', 'eval', 'chat_prompts.json'), 'utf8'))[0];
   const maxNew = 8; // onnxruntime-web's WASM MatMulNBits decodes the 0.5B demo at ~0.07 tok/s here
-  const child = spawn(python(), ['-m', 'qwen_edge', 'serve', REAL, '--web', '--port', '0', '--quiet'], {
-    cwd: REPO, stdio: ['ignore', 'ignore', 'pipe'],
-  });
+  const server = await serveWeb(REAL);
   const browser = await launchChromium();
   try {
-    const url = await new Promise((resolve, reject) => {
-      let err = '';
-      child.stderr.on('data', (d) => {
-        err += d;
-        const m = err.match(/at (http:\/\/\S+\/web\/)/);
-        if (m) resolve(m[1]);
-      });
-      child.on('exit', () => reject(new Error(`qwen-edge serve --web exited: ${err}`)));
-    });
-    const { page, state, status } = await openPage(browser, `${url}?ep=wasm`, { timeout: 20 * 60e3 });
+    const { page, state, status } = await openPage(browser, `${server.url}?ep=wasm`, { timeout: 20 * 60e3 });
     assert.equal(state, 'ready', status);
     page.setDefaultTimeout(0);
     const [py] = pythonGreedy(REAL, [{ messages: prompt.messages, max_new_tokens: maxNew }]);
@@ -179,6 +262,6 @@ test('real artifact in Chromium (WASM): greedy tokens equal the Python loop', {
     assert.equal(js.text, py.text);
   } finally {
     await browser.close();
-    child.kill();
+    server.close();
   }
 });

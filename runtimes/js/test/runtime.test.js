@@ -147,6 +147,20 @@ describe('streaming', () => {
     assert.equal(pieces.join(''), text);
   });
 
+  test('bytes that never complete a character are flushed at the end as U+FFFD', async () => {
+    const artifact = await Artifact.open(artifacts['qwen2-fp32'], { verify: 'none' });
+    const gen = await Generator.create(artifact);
+    const tok = gen.tokenizer;
+    // the first byte-level symbol of a three-byte character, alone: an incomplete UTF-8 sequence
+    const lead = tok.token_to_id([...tok.encode('界').tokens[0]][0]);
+    const ids = [...gen.encode('hello'), lead];
+    const detok = new Detokenizer(tok);
+    const pieces = ids.map((id) => detok.push(id));
+    assert.equal(pieces.at(-1), '');
+    assert.equal(pieces.join('') + detok.flush(), tok.decode(ids, { skip_special_tokens: true }));
+    assert.equal(detok.flush(), '');
+  });
+
   test('stop strings end generation and are held back, not emitted', () => {
     const f = new StopFilter(['<END>']);
     assert.deepEqual(f.push('abc<E'), ['abc', false]);

@@ -1,0 +1,254 @@
+"""Size-budgeted mixed precision: each weight group's storage chosen to minimise the summed predicted loss
+under a byte budget (``precision.max_size_mb``).
+
+The groups are what the graph stores as one matrix: each layer's packed qkv, o, packed gate/up and down,
+plus the tables (embedding and lm_head, one joint choice, since a tied model's lm_head may share the
+embedding's blobs, and lm_head may keep its first rows in int8). A group's predicted loss at a candidate
+is its measured sensitivity (``edge.check.sensitivity``: the KL increase when it alone is quantized so);
+losses are summed as if independent. Its bytes are the initializers the exporter's own graph
+(``DecoderGraph``) declares for that storage, so the prediction is what ``export`` writes, alignment of
+the data file included.
+
+The choice is a multiple-choice knapsack solved exactly by dynamic programming over byte units of a size
+fixed per model (so a bigger budget never predicts more loss); units are rounded up, so the budget holds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edge.check import sensitivity
+from edge.config import QwenConfig
+from edge.graph.decoder import DecoderGraph, GraphOptions
+from edge.graph.plan import WeightPlan
+from edge.quantize.blockwise import QuantSpec
+from edge.quantize.gptq import GROUPS
+from edge.recipe import Precision
+from qwen_edge import contract
+from qwen_edge.errors import QwenEdgeError
+
+TABLES = "tables"
+UNITS = 1 << 14  # DP resolution: the spread between a model's smallest and largest artifact, in this many units
+# onnx-ir's save: tensors larger than INLINE_BYTES go to the data file, where those larger than
+# ALIGN_THRESHOLD start at an aligned offset (see data_file_bytes)
+INLINE_BYTES = 256
+ALIGN_THRESHOLD = 1 << 20
+_BLOB = re.compile(r"^(model\.layers\.\d+\.(?:self_attn|mlp)\.\w+_proj)\.(?:qweight|scales|zero_points|weight_t)$")
+_PARTS = {suffix: parts for suffix, parts in GROUPS.values()}
+
+
+class BudgetError(QwenEdgeError):
+    """A size budget no storage mix reaches."""
+
+
+@dataclass(frozen=True)
+class Option:
+    """One storage of one group: its label, bytes and predicted loss."""
+
+    label: str
+    bytes: int
+    loss: float
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """The chosen plan and what was predicted for it."""
+
+    plan: WeightPlan
+    choices: dict[str, Option]  # group -> chosen option
+    predicted_bytes: int  # the artifact's data file plus tokenizer files
+    budget_bytes: int
+
+    @property
+    def predicted_kl(self) -> float:
+        return sum(o.loss for o in self.choices.values())
+
+    def manifest_block(self) -> dict:
+        """The manifest's ``allocation`` entry (the pipeline adds the measured mean KL after the fidelity check)."""
+        return {
+            "budget_bytes": self.budget_bytes,
+            "predicted_bytes": self.predicted_bytes,
+            "predicted_mean_kl": self.predicted_kl,
+            "tensors": {
+                g: {"storage": o.label, "bytes": o.bytes, "predicted_kl": o.loss} for g, o in self.choices.items()
+            },
+        }
+
+
+def _tensors(config: QwenConfig, plan: WeightPlan, context_length: int) -> list[tuple[str, int]]:
+    """(name, bytes) of every initializer the exporter writes for `plan`, in the order it writes them."""
+
+    def unread(name, rows=None):  # only shapes and dtypes are looked at
+        raise AssertionError(f"the size of a plan reads no weights ({name})")
+
+    model = DecoderGraph(config, unread, plan, GraphOptions(context_length)).build()
+    return [(name, v.const_value.nbytes) for name, v in model.graph.initializers.items()]
+
+
+def data_file_bytes(tensors: list[tuple[str, int]]) -> int:
+    """Size of the external data file ``onnx_ir.save`` writes with ``alignment=contract.ALIGNMENT``: the
+    tensors larger than INLINE_BYTES, in order, those larger than ALIGN_THRESHOLD at a multiple of the alignment."""
+    offset = 0
+    align = max(4096, contract.ALIGNMENT)
+    for _, size in tensors:
+        if size <= INLINE_BYTES:
+            continue  # stays in the graph file
+        if size > ALIGN_THRESHOLD:
+            offset = -(-offset // align) * align
+        offset += size
+    return offset
+
+
+def _group_bytes(tensors: list[tuple[str, int]]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for name, size in tensors:
+        group = TABLES if name.startswith(("model.embed_tokens", "lm_head")) else None
+        match = _BLOB.match(name)
+        if match:
+            group = match.group(1)
+        if group:
+            out[group] = out.get(group, 0) + size
+    return out
+
+
+def tokenizer_bytes(source) -> int:
+    """Bytes of the tokenizer files the artifact ships."""
+    with tempfile.TemporaryDirectory() as tmp:
+        source.write_tokenizer(Path(tmp))
+        return sum(p.stat().st_size for p in Path(tmp).rglob("*") if p.is_file())
+
+
+def _plan(tables: tuple[QuantSpec, QuantSpec, int], linears: dict[str, QuantSpec]) -> WeightPlan:
+    embedding, lm_head, rows = tables
+    overrides = tuple(
+        (f"{group.rsplit('.', 2)[0]}.{part}.weight", spec)
+        for group, spec in linears.items()
+        for part in _PARTS[group.split(".", 3)[3]]
+    )
+    default = next(iter(linears.values())) if linears else lm_head
+    return WeightPlan(default, embedding, lm_head, overrides, rows)
+
+
+def _table_options(precision: Precision, config: QwenConfig) -> dict[str, tuple[QuantSpec, QuantSpec, int]]:
+    """Every (embedding, lm_head, int8 rows) mix, by label ``embedding/lm_head``."""
+    specs = sensitivity.candidates(precision.symmetric)
+    rows = [r for r in sensitivity.LM_HEAD_ROWS if r < config.vocab_size]
+    heads = {label: (spec, 0) for label, spec in specs.items()}
+    heads.update(
+        {sensitivity.head_label(label, r): (spec, r) for label, spec in specs.items() if spec.bits == 4 for r in rows}
+    )
+    return {f"{e}/{h}": (specs[e], spec, r) for e in specs for h, (spec, r) in heads.items()}
+
+
+class Sizer:
+    """Bytes of every candidate of every group for one model, from the exporter's graph (no weights read)."""
+
+    def __init__(self, source, precision: Precision, context_length: int):
+        config = source.config
+        self.config, self.context_length = config, context_length
+        self.specs = sensitivity.candidates(precision.symmetric)
+        self.groups = sensitivity.linear_groups(config.num_layers)
+        self.tables = _table_options(precision, config)
+        table = next(iter(self.tables))
+        self.linear_bytes: dict[str, dict[str, int]] = {g: {} for g in self.groups}
+        for label in self.specs:
+            sizes = _group_bytes(self._tensors(self.plan(dict.fromkeys(self.groups, label), table)))
+            for g in self.groups:
+                self.linear_bytes[g][label] = sizes[g]
+        some = dict.fromkeys(self.groups, sensitivity.REFERENCE)
+        # the tables' bytes do not depend on the layers: size them on a one-layer graph (one per mix)
+        one = dataclasses.replace(config, num_layers=1)
+        self.table_bytes = {
+            t: _group_bytes(_tensors(one, self.plan({}, t), context_length))[TABLES] for t in self.tables
+        }
+        tensors = self._tensors(self.plan(some, table))
+        self.tokenizer = tokenizer_bytes(source)
+        # bytes no choice changes: norms, rotary caches, biases, the tokenizer files
+        self.fixed = sum(size for _, size in tensors) - sum(_group_bytes(tensors).values()) + self.tokenizer
+        # alignment pads before each large tensor: about this much (allocate checks the exact size)
+        self.padding = sum(1 for _, size in tensors if size > ALIGN_THRESHOLD) * max(4096, contract.ALIGNMENT)
+
+    def _tensors(self, plan: WeightPlan) -> list[tuple[str, int]]:
+        return _tensors(self.config, plan, self.context_length)
+
+    def plan(self, linears: dict[str, str], table: str) -> WeightPlan:
+        """The WeightPlan of a mix: candidate label per linear group, tables label."""
+        return _plan(self.tables[table], {g: self.specs[label] for g, label in linears.items()})
+
+    def smallest(self) -> int:
+        """The smallest artifact (data file and tokenizer): every group at its smallest storage."""
+        linears = {g: min(b, key=b.get) for g, b in self.linear_bytes.items()}
+        return self.size(self.plan(linears, min(self.table_bytes, key=self.table_bytes.get)))
+
+    def size(self, plan: WeightPlan) -> int:
+        """Exact bytes of the data file `plan` exports, plus the tokenizer files."""
+        return data_file_bytes(self._tensors(plan)) + self.tokenizer
+
+
+def check_budget(sizer: Sizer, budget_bytes: int) -> None:
+    """Raise BudgetError, naming the smallest reachable size, when no mix fits `budget_bytes`."""
+    smallest = sizer.smallest()
+    if budget_bytes < smallest:
+        raise BudgetError(
+            f"precision max_size_mb {budget_bytes / 1e6:g} is below the smallest artifact this model reaches "
+            f"({smallest / 1e6:.3f} MB, every tensor at its smallest storage); raise max_size_mb"
+        )
+
+
+def allocate(sizer: Sizer, kl: dict[str, dict[str, float]], budget_bytes: int) -> Allocation:
+    """The mix of least summed predicted KL whose artifact fits `budget_bytes` (`kl` from sensitivity.measure)."""
+    check_budget(sizer, budget_bytes)
+    groups: list[tuple[str, list[Option]]] = [
+        (g, [Option(label, b, kl[g][label]) for label, b in sizer.linear_bytes[g].items()]) for g in sizer.groups
+    ]
+    tables = []
+    for label, b in sizer.table_bytes.items():
+        emb, head = label.split("/")
+        tables.append(Option(label, b, kl[sensitivity.EMBEDDING][emb] + kl[sensitivity.LM_HEAD][head]))
+    groups.append((TABLES, tables))
+    capacity = budget_bytes - sizer.fixed - sizer.padding
+    for _ in range(4):  # the padding is estimated: shrink the capacity by any overshoot and choose again
+        chosen = _knapsack([opts for _, opts in groups], capacity)
+        choices = {g: opts[i] for (g, opts), i in zip(groups, chosen)}
+        plan = sizer.plan({g: choices[g].label for g in sizer.groups}, choices[TABLES].label)
+        size = sizer.size(plan)
+        if size <= budget_bytes:
+            return Allocation(plan, choices, size, budget_bytes)
+        capacity -= size - budget_bytes
+    raise BudgetError(f"no mix found within {budget_bytes / 1e6:g} MB; raise max_size_mb a little")
+
+
+def _knapsack(groups: list[list[Option]], capacity: int) -> list[int]:
+    """Index of the chosen option per group: least summed loss with summed bytes <= capacity."""
+    floor = [min(o.bytes for o in opts) for opts in groups]
+    spread = sum(max(o.bytes for o in opts) - f for opts, f in zip(groups, floor))
+    unit = max(1, -(-spread // UNITS))
+    size = min(UNITS + len(groups), max(0, (capacity - sum(floor)) // unit)) + 1
+    best = np.zeros(size)  # best[c]: least loss of the groups so far within c units
+    picks = []
+    for opts, f in zip(groups, floor):
+        new = np.full(size, np.inf)
+        pick = np.zeros(size, np.int16)
+        for i, o in enumerate(opts):
+            w = -(-(o.bytes - f) // unit)
+            if w >= size:
+                continue
+            candidate = np.full(size, np.inf)
+            candidate[w:] = best[: size - w] + o.loss
+            better = candidate < new
+            new[better], pick[better] = candidate[better], i
+        best = new
+        picks.append(pick)
+    c = size - 1
+    chosen = []
+    for opts, f, pick in zip(reversed(groups), reversed(floor), reversed(picks)):
+        i = int(pick[c])
+        chosen.append(i)
+        c -= -(-(opts[i].bytes - f) // unit)
+    return chosen[::-1]

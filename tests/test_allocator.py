@@ -1,0 +1,124 @@
+"""The size-budgeted allocator (edge.quantize.allocator) on tiny models: budgets hold, the predicted size is
+the artifact's bytes, more budget never predicts more loss, unreachable budgets fail early, the manifest
+holds the plan."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from edge.check import sensitivity
+from edge.pipeline import build
+from edge.quantize import allocator
+from edge.recipe import Precision, Recipe, RecipeError, load_recipe
+from edge.sources import open_source
+from qwen_edge import contract
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """A cache directory of this module's own (sensitivity measurements, hashes)."""
+    with pytest.MonkeyPatch.context() as mp:
+        root = tmp_path_factory.mktemp("allocator-cache")
+        mp.setenv("QWEN_EDGE_CACHE", str(root))
+        yield root
+
+
+def _sizer(path: Path, **precision) -> allocator.Sizer:
+    return allocator.Sizer(open_source(str(path)), Precision(**precision), 256)
+
+
+def _recipe(path: Path, mb: float, method: str = "rtn", fidelity: bool = False) -> Recipe:
+    return Recipe(
+        name="budget",
+        source=str(path),
+        context_length=256,
+        precision=Precision(weights="int4", method=method, max_size_mb=mb),
+        fidelity={"enabled": fidelity, "max_tokens": 64},
+        overrides={"fidelity_threshold": {"max_kl": 100.0}},  # a random tiny model is far from int4-friendly
+    )
+
+
+def _tokenizer_files(path: Path) -> list[str]:
+    with tempfile.TemporaryDirectory() as tmp:
+        open_source(str(path)).write_tokenizer(Path(tmp))
+        return [p.name for p in Path(tmp).iterdir()]
+
+
+@pytest.mark.parametrize(
+    "family,tied,method,fidelity", [("qwen2", False, "rtn", False), ("qwen3", True, "gptq", True)]
+)
+def test_budget_holds_and_the_prediction_is_the_artifacts_bytes(
+    cache, tiny_model, tmp_path, family, tied, method, fidelity
+):
+    path = tiny_model(family, tied)
+    budget = _sizer(path).smallest() * 1.35 / 1e6  # between the smallest and the largest mix
+    out = build(_recipe(path, budget, method, fidelity), out=tmp_path / "a").out_dir
+    manifest = json.loads((out / contract.MANIFEST).read_text())
+    plan = manifest["allocation"]
+    files = manifest["files"]
+    written = files[contract.MODEL_DATA_FILE]["size"] + sum(files[f]["size"] for f in _tokenizer_files(path))
+    assert plan["predicted_bytes"] == written <= plan["budget_bytes"] == int(budget * 1e6)
+    storages = {t["storage"] for t in plan["tensors"].values()}
+    assert len(storages) > 1, storages  # a mixed plan, not one storage everywhere
+    groups = sensitivity.linear_groups(2) + [allocator.TABLES]
+    assert sorted(plan["tensors"]) == sorted(groups)
+    assert plan["predicted_mean_kl"] == pytest.approx(sum(t["predicted_kl"] for t in plan["tensors"].values()))
+    if fidelity:
+        assert plan["measured_mean_kl"] == manifest["fidelity"]["overall"]["mean_kl"] > 0
+    else:
+        assert plan["measured_mean_kl"] is None
+
+
+@pytest.mark.parametrize("family,tied", [("qwen2", False), ("qwen3", True)])
+def test_a_bigger_budget_never_predicts_more_loss(cache, tiny_model, family, tied):
+    path = tiny_model(family, tied)
+    sizer = _sizer(path)
+    kl = sensitivity.measure(open_source(str(path)))["kl"]
+    smallest = sizer.smallest()
+    largest = sizer.size(sizer.plan(dict.fromkeys(sizer.groups, "int8-b32"), "int8-b32/int8-b32"))
+    losses = []
+    for budget in range(smallest, largest + 1, max(1, (largest - smallest) // 40)):
+        allocation = allocator.allocate(sizer, kl, budget)
+        assert allocation.predicted_bytes <= budget
+        assert allocation.predicted_bytes == sizer.size(allocation.plan)
+        losses.append(allocation.predicted_kl)
+    assert all(b <= a + 1e-12 for a, b in zip(losses, losses[1:])), losses
+    assert losses[-1] < losses[0] / 10  # int8 everywhere is far better than the smallest int4 mix
+    # the optimum of a small case equals brute force over every mix of two groups
+    first = [allocator.Option("a", 10, 1.0), allocator.Option("b", 30, 0.2)]
+    second = [allocator.Option("c", 5, 0.5), allocator.Option("d", 25, 0.1)]
+    assert allocator._knapsack([first, second], 35) == [1, 0]  # b+c: 0.7 (a+d: 1.1, a+c: 1.5)
+    assert allocator._knapsack([first, second], 34) == [0, 0]  # only a+c fits
+
+
+def test_a_budget_too_small_fails_before_any_weight_is_read(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("QWEN_EDGE_CACHE", str(tmp_path / "cache"))
+    path = tiny_model("qwen2", False)
+    smallest = _sizer(path).smallest()
+    with pytest.raises(allocator.BudgetError, match=rf"reaches \({smallest / 1e6:.3f} MB"):
+        build(_recipe(path, (smallest - 1) / 1e6), out=tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+    assert not (tmp_path / "cache" / "sensitivity").exists()  # nothing was measured
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        ("", "use weights int4 with method rtn or gptq"),  # the profile's method: mixed
+        ("  method: rtn\n  lm_head_int8_rows: 16\n", "remove int8_layers, lm_head_int8_rows"),
+        ("  method: rtn\n  embedding: int8\n", "remove int8_layers, lm_head_int8_rows, embedding and lm_head"),
+        ("  method: rtn\nbackend: olive\n", "sizes qwen-edge's CPU graph"),
+    ],
+)
+def test_recipe_checks_of_max_size_mb(tmp_path, extra, message):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: r\nsource: ./model\nprecision:\n  max_size_mb: 400\n{extra}")
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(recipe)
+    recipe.write_text("name: r\nsource: ./model\nprecision:\n  max_size_mb: 0\n  method: rtn\n")
+    with pytest.raises(RecipeError, match="max_size_mb"):
+        load_recipe(recipe)
