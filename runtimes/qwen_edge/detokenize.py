@@ -19,23 +19,26 @@ class Detokenizer:
         self.tokenizer = tokenizer
         self._skip = skip_special_tokens
         self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
-        self._last: list[int] = []  # the token that completed the last piece (decoding context for flush)
+        self._last: int | None = None  # the token that completed the last piece (decoding context for flush)
         self._held: list[int] = []  # tokens pushed since, whose text is not out yet
 
     def push(self, token_id: int) -> str:
         """Add one token; return the text it completes."""
-        piece = self._stream.step(self.tokenizer, int(token_id)) or ""
+        token_id = int(token_id)
+        piece = self._stream.step(self.tokenizer, token_id) or ""
         if piece:
-            self._last, self._held = [int(token_id)], []
+            self._last = token_id
+            self._held.clear()
         else:
-            self._held.append(int(token_id))
+            self._held.append(token_id)
         return piece
 
     def flush(self) -> str:
         """The text of the tokens still held back (an incomplete character decodes to U+FFFD)."""
         if not self._held:
             return ""
+        context = [] if self._last is None else [self._last]
         decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=self._skip)  # noqa: E731
-        text, prefix = decode(self._last + self._held), decode(self._last)
-        self._held = []
+        text, prefix = decode(context + self._held), decode(context)
+        self._held.clear()
         return text[len(prefix) :] if text.startswith(prefix) else text
