@@ -78,6 +78,8 @@ SYSTEMS = {
         "recipe": {"0.5b": "demo", "1.5b": "qwen2.5-coder-1.5b-instruct-int4"},
         "method": "mixed",
     },
+    # the decode-optimal 1.5B recipe: every linear int4 at block 32 with GPTQ, int8 v_proj and lm_head rows
+    "qwen-edge-int4-fast": {"kind": "qwen-edge", "recipe": {"1.5b": "qwen2.5-coder-1.5b-instruct-int4-fast"}},
     # the decode-optimal layout study (benchmarks/README.md): block 32 round-to-nearest, every linear int4
     "qwen-edge-int4-rtn-b32": {
         "kind": "qwen-edge",
@@ -590,14 +592,21 @@ def run_model(
 SPEC_NEW_TOKENS = 160  # below the natural end of every task's answer: all systems decode the same stretch
 LOOKUP_TOKENS = 10  # llama-cpp-python's LlamaPromptLookupDecoding(num_pred_tokens=10); our initial draft length
 SPEC_SYSTEMS = ("qwen-edge", "qwen-edge-lookup", "llamacpp", "llamacpp-lookup")
+# a draft model (--draft-artifact, e.g. the 0.5B demo for the 1.5B target); llama-cpp-python drafts only by
+# prompt lookup (its LlamaDraftModel has no model-backed implementation), so it has no counterpart
+DRAFT_SYSTEM = "qwen-edge-draft"
 # lookup tuning variants, e.g. qwen-edge-lookup-n2-k4: shortest n-gram 2, initial draft length 4
 LOOKUP_VARIANT = re.compile(r"^qwen-edge-lookup(?:-n(\d+))?(?:-k(\d+))?$")
 
 
-def speculation_cmd(system: str, art: Path, gguf: Path, task_file: Path, ids_file: Path, n_ids: int) -> list:
+def speculation_cmd(
+    system: str, art: Path, gguf: Path, task_file: Path, ids_file: Path, n_ids: int, draft: Path | None = None
+) -> list:
     """One measurement of a speculation task (a fresh process): our `bench` or the llama.cpp anchor."""
     if system.startswith("qwen-edge"):
         cmd = [QWEN_EDGE, "bench", art, "--prompt-file", task_file, "-n", SPEC_NEW_TOKENS, "-r", 1, "--json"]
+        if system == DRAFT_SYSTEM:
+            return cmd + ["--draft", draft, "--no-lookup"]
         variant = LOOKUP_VARIANT.match(system)
         if variant is None:  # plain, whatever the artifact's manifest asks for
             return cmd + ["--no-lookup", "--no-draft"]
@@ -617,8 +626,10 @@ def run_speculation(
     work: Path,
     art: Path | None,
     gguf: Path | None,
+    draft: Path | None = None,
 ) -> dict:
-    """Plain vs prompt-lookup decoding, ours and llama.cpp's, on the speculation tasks, interleaved."""
+    """Plain vs prompt-lookup (and draft-model) decoding, ours and llama.cpp's, on the speculation tasks,
+    interleaved."""
     from speculation_tasks import TASKS
     from tokenizers import Tokenizer
 
@@ -641,9 +652,10 @@ def run_speculation(
     runs = []
     order = harness.interleave(systems, tasks, reps)
     for s in systems:  # page cache and lazy loading: one untimed process each
-        _run_json(speculation_cmd(s, art, gguf, files["chat"], ids_file, len(ids["chat"])), f"warm-up {s}", nice)
+        cmd = speculation_cmd(s, art, gguf, files["chat"], ids_file, len(ids["chat"]), draft)
+        _run_json(cmd, f"warm-up {s}", nice)
     for i, (rep, task, system) in enumerate(order, 1):
-        cmd = speculation_cmd(system, art, gguf, files[task], ids_file, len(ids[task]))
+        cmd = speculation_cmd(system, art, gguf, files[task], ids_file, len(ids[task]), draft)
         result = _run_json(cmd, f"{system} {task}", nice)
         if result.get("prompt_tokens") != len(ids[task]):
             raise BenchError(
@@ -658,6 +670,7 @@ def run_speculation(
     return {
         "model": model,
         "artifact": str(art),
+        "draft_artifact": str(draft) if draft else None,
         "gguf": str(gguf),
         "new_tokens": SPEC_NEW_TOKENS,
         "lookup_tokens": LOOKUP_TOKENS,
@@ -808,6 +821,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", help="--speculation: comma-separated tasks (default: code-edit,summarise,chat)")
     parser.add_argument("--artifact", type=Path, help="--speculation: this qwen-edge artifact (default: built here)")
     parser.add_argument("--gguf", type=Path, help="--speculation: this GGUF for llama.cpp (default: the fixture's)")
+    parser.add_argument(
+        "--draft-artifact",
+        type=Path,
+        help=f"--speculation: the draft model of system {DRAFT_SYSTEM} (an artifact)",
+    )
     args = parser.parse_args(argv)
     if args.speculation:
         return _speculation_main(args, argv)
@@ -901,9 +919,21 @@ def _speculation_main(args, argv) -> int:
 
     systems = args.systems.split(",") if args.systems else list(SPEC_SYSTEMS)
     tasks = args.tasks.split(",") if args.tasks else list(TASKS)
-    known = all(s in SPEC_SYSTEMS or LOOKUP_VARIANT.match(s) for s in systems)
+    known = all(s in (*SPEC_SYSTEMS, DRAFT_SYSTEM) or LOOKUP_VARIANT.match(s) for s in systems)
     if not known or not set(tasks) <= set(TASKS):
-        print(f"error: --speculation systems are {', '.join(SPEC_SYSTEMS)}; tasks {', '.join(TASKS)}", file=sys.stderr)
+        names = ", ".join((*SPEC_SYSTEMS, DRAFT_SYSTEM))
+        print(f"error: --speculation systems are {names}; tasks {', '.join(TASKS)}", file=sys.stderr)
+        return 2
+    if (DRAFT_SYSTEM in systems) != (args.draft_artifact is not None):
+        print(
+            f"error: system {DRAFT_SYSTEM} and --draft-artifact DIR go together; give both or neither", file=sys.stderr
+        )
+        return 2
+    if args.draft_artifact and not (args.draft_artifact / "manifest.json").is_file():
+        print(
+            f"error: --draft-artifact {args.draft_artifact} has no manifest.json; give a qwen-edge build output",
+            file=sys.stderr,
+        )
         return 2
     if len(models) > 1 and (args.artifact or args.gguf):
         print("error: --artifact and --gguf name one model's files; give one --models", file=sys.stderr)
@@ -913,7 +943,9 @@ def _speculation_main(args, argv) -> int:
     started = dt.datetime.now().astimezone()
     try:
         done = [
-            run_speculation(m, systems, tasks, args.reps or 3, args.nice, work, args.artifact, args.gguf)
+            run_speculation(
+                m, systems, tasks, args.reps or 3, args.nice, work, args.artifact, args.gguf, args.draft_artifact
+            )
             for m in models
         ]
     except BenchError as e:

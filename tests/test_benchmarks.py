@@ -201,3 +201,18 @@ def test_a_labelled_run_leaves_latest_md_alone(tmp_path, monkeypatch):
     path = run.write_outputs(result)
     assert path.name == "layout-20261201T1405-vm.json"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["layout-20261201T1405-vm.json", "layout-latest.md"]
+
+
+def test_draft_system_and_its_artifact_go_together(tmp_path, capsys):
+    run = _load("bench_run", ROOT / "benchmarks" / "run.py")
+    (tmp_path / "manifest.json").write_text("{}")
+    for argv, needle in (
+        (["--speculation", "--systems", "qwen-edge,qwen-edge-draft"], "go together"),
+        (["--speculation", "--systems", "qwen-edge", "--draft-artifact", str(tmp_path)], "go together"),
+        (["--speculation", "--systems", "qwen-edge-draft", "--draft-artifact", str(tmp_path / "x")], "manifest.json"),
+    ):
+        assert run.main(argv) == 2
+        err = capsys.readouterr().err
+        assert needle in err and err.count("\n") == 1
+    art = run.speculation_cmd("qwen-edge-draft", Path("big"), Path("g"), Path("t"), Path("i"), 3, tmp_path)
+    assert art[-3:] == ["--draft", tmp_path, "--no-lookup"]

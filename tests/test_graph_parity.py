@@ -59,12 +59,10 @@ def _dequantize_like_the_graph(model, precision: Precision) -> None:
                 deq = _lm_head_like_the_graph(stacked, plan)
             else:
                 q = quantize(stacked.copy(), spec)
-                half = "embed" in names[0] and not plan.lm_head_shares_embedding(config.tie_word_embeddings)
-                if half:  # a table of its own has fp16 scales and so gathers fp16 rows
+                if "embed" in names[0] and not plan.lm_head_shares_embedding(config.tie_word_embeddings):
+                    # a table of its own keeps fp16 scales, cast to fp32 at load: its rows are dequantized in fp32
                     q.scales = q.scales.astype(np.float16).astype(np.float32)
                 deq = q.dequantize()
-                if half:
-                    deq = deq.astype(np.float16).astype(np.float32)
             start = 0
             for n in names:
                 rows = params[n].shape[0]

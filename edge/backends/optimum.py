@@ -294,7 +294,8 @@ def quantize_weights(model: ir.Model, plan, accuracy_level: int) -> None:
 
 def _gather_block_quantized(graph: ir.Graph, node: ir.Node, name: str, table: np.ndarray, spec) -> list[ir.Node]:
     """GatherBlockQuantized over the block-quantized rows of the embedding table, reshaped to [b, s, hidden]
-    (float16 scales and rows, cast to float32, like the native graph's table of its own)."""
+    (float16 scales on disk cast to float32 by an initializer-only Cast folded at load, float32 rows: like the
+    native graph's table of its own)."""
     from edge.quantize.blockwise import quantize
 
     vocab, hidden = table.shape
@@ -304,21 +305,16 @@ def _gather_block_quantized(graph: ir.Graph, node: ir.Node, name: str, table: np
             "choose a smaller block_size in the recipe"
         )
     q = quantize(table, spec)
-    inputs = [
-        initializer(graph, f"{name}.qweight", q.packed),
-        node.inputs[1],
-        initializer(graph, f"{name}.scales", q.scales[:, :, None].astype(np.float16)),
-    ]
+    half = initializer(graph, f"{name}.scales", q.scales[:, :, None].astype(np.float16))
+    scales = ir.node("Cast", [half], attributes={"to": ir.DataType.FLOAT}, name=f"{node.name}BlockQuantized/Scales")
+    inputs = [initializer(graph, f"{name}.qweight", q.packed), node.inputs[1], scales.outputs[0]]
     if q.zero_points is not None:
         inputs.append(initializer(graph, f"{name}.gather_zero_points", q.zero_point_values()[:, :, None]))
     attrs = {"gather_axis": 0, "quantize_axis": 2, "block_size": spec.block_size, "bits": spec.bits}
     gather = ir.node("GatherBlockQuantized", inputs, attributes=attrs, domain=MS, name=f"{node.name}BlockQuantized")
     shape = initializer(graph, f"{name}.hidden_shape", np.array([0, 0, hidden], np.int64))
     reshape = ir.node("Reshape", [gather.outputs[0], shape], name=f"{node.name}BlockQuantized/Reshape")
-    cast = ir.node(
-        "Cast", [reshape.outputs[0]], attributes={"to": ir.DataType.FLOAT}, name=f"{node.name}BlockQuantized/Cast"
-    )
-    return [gather, reshape, cast]
+    return [scales, gather, reshape]
 
 
 def _optimum_int8(model: ir.Model, fp32_dir: Path, work: Path, keep_lm_head: bool) -> ir.Model:

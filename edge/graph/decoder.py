@@ -312,12 +312,15 @@ class DecoderGraph:
             scales_dtype=np.float32 if shared else np.float16,
         )
         self._embed_blobs = q
+        # The float16 scales on disk are cast to float32 by an initializer-only Cast, which onnxruntime folds
+        # at load (before placing nodes): no float16 arithmetic is left for a device without it (WebGPU
+        # adapters lacking shader-f16 compute float16 casts as zeros).
+        scales = q["scales"] if shared else self._op("Cast", [q["scales"]], {"to": ir.DataType.FLOAT})
         # The packed rows [vocab, blocks, bytes] serve as they are: each block is quantized along the last axis.
-        scales = self._op("Unsqueeze", [q["scales"], self._const("last_axis", np.array([-1], np.int64))])
+        scales = self._op("Unsqueeze", [scales, self._const("last_axis", np.array([-1], np.int64))])
         attrs = {"gather_axis": 0, "quantize_axis": 2, "block_size": storage.block_size, "bits": storage.bits}
         blocks = self._op("GatherBlockQuantized", [q["packed"], input_ids, scales, q["gather_zp"]], attrs, domain=MS)
-        x = self._op("Reshape", [blocks, self._const("hidden_shape", np.array([0, 0, c.hidden_size], np.int64))])
-        return x if shared else self._op("Cast", [x], {"to": ir.DataType.FLOAT})
+        return self._op("Reshape", [blocks, self._const("hidden_shape", np.array([0, 0, c.hidden_size], np.int64))])
 
     def _norm(self, x, weight_name: str):
         return self._op(

@@ -40,12 +40,17 @@ export function sessionOptions(profile, executionProviders = ['cpu']) {
   return options;
 }
 
-/** `InferenceSession.create(model, options)` of the given onnxruntime; a load failure is one line naming `where`. */
+/**
+ * `InferenceSession.create(model, options)` of the given onnxruntime; a load failure is one line naming `where`
+ * (its `reason` property: onnxruntime's own first line).
+ */
 export async function createSession(InferenceSession, model, options, where) {
   try {
     return await InferenceSession.create(model, options);
   } catch (e) {
     const first = String(e?.message ?? e).trim().split('\n')[0];
-    throw new ArtifactError(`onnxruntime could not load ${where}: ${first}; rebuild the artifact or re-copy it`);
+    const error = new ArtifactError(`onnxruntime could not load ${where}: ${first}; rebuild the artifact or re-copy it`);
+    error.reason = first;
+    throw error;
   }
 }

@@ -57,9 +57,11 @@ async function readBody(response, size, url, onBytes) {
 
 /** An artifact (or unpacked bundle) opened from a URL in the browser. */
 export class WebArtifact {
-  constructor(root, manifest, bytes, source, { ort, executionProviders = ['wasm'] }) {
+  constructor(root, manifest, bytes, source, { ort, executionProviders = ['wasm'], fallbackExecutionProviders = null }) {
     this.ort = ort; // the onnxruntime-web module
-    this.executionProviders = executionProviders;
+    this.executionProviders = executionProviders; // after openSession: the ones the session runs on
+    this.fallbackExecutionProviders = fallbackExecutionProviders;
+    this.fallbackReason = null; // why the session runs on the fallback, if it does
     this.root = root;
     this.manifest = manifest;
     this.bytes = bytes; // {name: Uint8Array} of every file the runtime reads
@@ -75,9 +77,13 @@ export class WebArtifact {
    * network, else the cache when offline), then fetch every listed file the runtime needs, from the cache when
    * it holds the same sha256, and check each one's size and sha256. `onProgress({name, loaded, total})` reports
    * bytes; `ort` (the onnxruntime-web module) and `executionProviders` (e.g. ["wasm"] or ["webgpu", "wasm"]) are
-   * what openSession uses. Throws ArtifactError naming the bad file and what to do.
+   * what openSession uses, and `fallbackExecutionProviders` (e.g. ["wasm"]) what it retries on when a session
+   * cannot be made on those. Throws ArtifactError naming the bad file and what to do.
    */
-  static async open(url, { ort, executionProviders, onProgress = () => {}, cacheName = CACHE_NAME } = {}) {
+  static async open(
+    url,
+    { ort, executionProviders, fallbackExecutionProviders, onProgress = () => {}, cacheName = CACHE_NAME } = {},
+  ) {
     const root = new URL(url, location.href).href.replace(/\/?$/, '/');
     const cache = await caches.open(cacheName);
     const [table, tableName, manifestText] = await readTable(root, cache);
@@ -122,7 +128,8 @@ export class WebArtifact {
     await prune(cache, root, table);
     if (manifestText !== null) bytes[MANIFEST] = new TextEncoder().encode(manifestText);
     const manifest = parseManifest(decoder.decode(bytes[MANIFEST]), root + MANIFEST);
-    return new WebArtifact(root, manifest, bytes, fromNetwork ? 'network' : 'cache', { ort, executionProviders });
+    const source = fromNetwork ? 'network' : 'cache';
+    return new WebArtifact(root, manifest, bytes, source, { ort, executionProviders, fallbackExecutionProviders });
   }
 
   /** `{name: {size, sha256}}` as listed in the manifest. */
@@ -150,8 +157,28 @@ export class WebArtifact {
     const externalData = Object.keys(this.bytes)
       .filter(isModelData)
       .map((name) => ({ path: name, data: this.bytes[name] }));
-    const options = { ...sessionOptions(this.profile, this.executionProviders), externalData };
-    const session = await createSession(this.ort.InferenceSession, this.bytes[MODEL_FILE], options, this.modelPath);
+    const create = (eps) =>
+      createSession(
+        this.ort.InferenceSession,
+        this.bytes[MODEL_FILE],
+        { ...sessionOptions(this.profile, eps), externalData },
+        this.modelPath,
+      );
+    let session;
+    try {
+      session = await create(this.executionProviders);
+    } catch (e) {
+      // a provider that lacks a kernel for this graph (e.g. WebGPU's MatMulNBits takes 2- and 4-bit weights only)
+      if (this.executionProviders[0] === 'wasm') throw e;
+      if (!this.fallbackExecutionProviders) {
+        throw new ArtifactError(
+          `${this.executionProviders[0]} cannot run ${this.modelPath}: ${e.reason}; use the wasm execution provider`,
+        );
+      }
+      this.fallbackReason = e.reason;
+      this.executionProviders = this.fallbackExecutionProviders;
+      session = await create(this.executionProviders);
+    }
     for (const { path } of externalData) delete this.bytes[path];
     delete this.bytes[MODEL_FILE];
     return session;

@@ -170,15 +170,22 @@ function rawGreedy(page, text, maxNew) {
 // Chromium's software WebGPU adapter: the page then finds an adapter as on a machine with a GPU.
 const SWIFTSHADER = ['--enable-unsafe-webgpu', '--use-webgpu-adapter=swiftshader'];
 
-// A tiny int4 Qwen2 (with the qkv bias Qwen3 lacks), built like the conformance artifacts. Tied, as the
-// conformance Qwen3: an untied embedding keeps float16 scales, and onnxruntime-web then runs a float16 Cast on
-// WebGPU, which SwiftShader (no shader-f16) computes as zeros.
+// Tiny int4 Qwen2s (with the qkv bias Qwen3 lacks), built like the conformance artifacts: tied, and untied,
+// whose embedding table of its own keeps float16 scales on disk (SwiftShader has no shader-f16, so any float16
+// arithmetic left on WebGPU would show here); and one whose lm_head keeps its first rows int8, as the demo's
+// does, which onnxruntime-web's WebGPU MatMulNBits (2- and 4-bit only) cannot run.
 const BUILD_QWEN2_INT4 = `
 import json, sys
 sys.path.insert(0, "tests/conformance")
 from make_conformance import ARTIFACTS, build_artifacts
 spec = {**ARTIFACTS["qwen3-int4"], "family": "qwen2"}
-print(json.dumps({k: str(v) for k, v in build_artifacts(sys.argv[1], {"qwen2-int4": spec}).items()}))
+int8_rows = {**spec["precision"], "lm_head_int8_rows": 64}
+specs = {
+    "qwen2-int4": spec,
+    "qwen2-int4-untied": {**spec, "tied": False},
+    "qwen2-int8-rows": {**spec, "precision": int8_rows},
+}
+print(json.dumps({k: str(v) for k, v in build_artifacts(sys.argv[1], specs).items()}))
 `;
 
 /** The logits row of every position of `text`, run one cached step at a time in the loaded page. */
@@ -204,7 +211,7 @@ describe('WebGPU in headless Chromium (SwiftShader)', { skip: SKIP }, () => {
     await browser?.close();
   });
 
-  for (const name of ['qwen2-int4', 'qwen3-int4']) {
+  for (const name of ['qwen2-int4', 'qwen2-int4-untied', 'qwen3-int4']) {
     test(`${name} on WebGPU: the Python loop's greedy tokens, WASM's logits`, async () => {
       const server = await serveWeb(artifacts[name]);
       try {
@@ -241,6 +248,26 @@ describe('WebGPU in headless Chromium (SwiftShader)', { skip: SKIP }, () => {
       }
     });
   }
+
+  test('a model WebGPU cannot run: auto falls back to WASM, ?ep=webgpu is a one-line error', async () => {
+    const server = await serveWeb(artifacts['qwen2-int8-rows']);
+    try {
+      const auto = await openPage(browser, server.url);
+      assert.equal(auto.state, 'ready', auto.status);
+      assert.match(auto.status, / on wasm, .*\(WebGPU cannot run this model: .*MatMulNBits.*\)/);
+      const js = await rawGreedy(auto.page, CODE, MAX_NEW);
+      await auto.page.close();
+      const [py] = pythonGreedy(artifacts['qwen2-int8-rows'], [{ text: CODE, max_new_tokens: MAX_NEW }]);
+      assert.deepEqual(js.tokenIds, py.token_ids);
+      const forced = await openPage(browser, `${server.url}?ep=webgpu`);
+      await forced.page.close();
+      assert.equal(forced.state, 'error');
+      assert.match(forced.status, /^webgpu cannot run .*model\.onnx: .*MatMulNBits.*; use the wasm execution provider$/);
+      assert.ok(!forced.status.includes('\n'));
+    } finally {
+      server.close();
+    }
+  });
 });
 
 const REAL = process.env.QWEN_EDGE_REAL_ARTIFACT;

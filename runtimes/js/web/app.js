@@ -21,16 +21,20 @@ function status(text, error = false) {
   $('status').classList.toggle('error', error);
 }
 
-/** The execution providers: ?ep=wasm | webgpu | auto (WebGPU when the browser has an adapter). */
+/**
+ * The execution providers and the fallback: ?ep=wasm | webgpu | auto (WebGPU when the browser has an adapter,
+ * WASM when WebGPU cannot run the model).
+ */
 async function executionProviders() {
   const want = params.get('ep') ?? 'auto';
   if (!['auto', 'wasm', 'webgpu'].includes(want)) throw new QwenEdgeError(`?ep=${want} is not one of auto, wasm, webgpu`);
-  if (want === 'wasm') return ['wasm'];
+  if (want === 'wasm') return { eps: ['wasm'], fallback: null };
   const adapter = navigator.gpu ? await navigator.gpu.requestAdapter().catch(() => null) : null;
   if (!adapter && want === 'webgpu') {
     throw new QwenEdgeError('this browser offers no WebGPU adapter; open the page with ?ep=wasm');
   }
-  return adapter ? ['webgpu', 'wasm'] : ['wasm'];
+  if (!adapter) return { eps: ['wasm'], fallback: null };
+  return { eps: ['webgpu', 'wasm'], fallback: want === 'auto' ? ['wasm'] : null };
 }
 
 function bubble(role, text = '') {
@@ -59,14 +63,15 @@ async function main() {
   ort.env.wasm.wasmPaths = new URL('./vendor/onnxruntime-web/', import.meta.url).href;
   const cores = navigator.hardwareConcurrency || 1;
   ort.env.wasm.numThreads = crossOriginIsolated ? Number(params.get('threads') ?? Math.min(cores, 4)) : 1;
-  const eps = await executionProviders();
+  const { eps: wanted, fallback } = await executionProviders();
   const model = params.get('model') ?? '../';
   $('model').textContent = new URL(model, location.href).href;
   status('checking files…');
   const t0 = performance.now();
   const artifact = await WebArtifact.open(model, {
     ort,
-    executionProviders: eps,
+    executionProviders: wanted,
+    fallbackExecutionProviders: fallback,
     onProgress: ({ name, loaded, total }) => {
       $('progress').value = loaded / total;
       status(`${name}: ${(loaded / 1e6).toFixed(1)} / ${(total / 1e6).toFixed(1)} MB checked`);
@@ -74,11 +79,13 @@ async function main() {
   });
   status('starting onnxruntime…');
   const generator = await Generator.create(artifact);
+  const eps = artifact.executionProviders; // the ones the session runs on
   const loadS = (performance.now() - t0) / 1000;
   const chat = new ChatSession(generator);
   const threads = ort.env.wasm.numThreads;
   const backend = `${eps[0]}${eps[0] === 'wasm' ? `, ${threads} thread${threads === 1 ? '' : 's'}` : ''}`;
-  status(`ready: ${artifact.manifest.recipe?.name ?? 'model'} on ${backend}, files from ${artifact.source} (${loadS.toFixed(1)} s)`);
+  const why = artifact.fallbackReason ? ` (WebGPU cannot run this model: ${artifact.fallbackReason})` : '';
+  status(`ready: ${artifact.manifest.recipe?.name ?? 'model'} on ${backend}${why}, files from ${artifact.source} (${loadS.toFixed(1)} s)`);
   $('progress').hidden = true;
 
   /** One user turn: stream the reply into the page; returns its text, token ids and stats. */
