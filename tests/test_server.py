@@ -249,6 +249,12 @@ def test_generation_stops_when_the_client_is_gone(server):
     assert request["max_tokens"] == MAX_LENGTH - len(request["prompt"].ids)  # default: the rest of the context
 
 
+def _ctrl_c_as_usual():
+    """In the child before exec: Ctrl-C's default action, which a runner started in the background (where the
+    shell ignores SIGINT) would otherwise pass on, so that the server would never see the SIGINT sent to it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_cli_serve_end_to_end(artifact):
     code = "import sys; from qwen_edge.cli import main; sys.exit(main())"
     proc = subprocess.Popen(
@@ -269,6 +275,7 @@ def test_cli_serve_end_to_end(artifact):
         ],
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_ctrl_c_as_usual,
     )
     try:
         banner = proc.stderr.readline()
