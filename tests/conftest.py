@@ -91,23 +91,33 @@ def tiny_qwen3_gguf(tiny_gguf) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_artifact(tiny_model, tmp_path_factory):
-    """Factory `tiny_artifact(family="qwen2", tied=False, weights="fp32", **precision) -> Path`: a built
-    artifact (cached)."""
+    """Factory `tiny_artifact(family="qwen2", tied=False, weights="fp32", *, context_length=256,
+    speculation=None, **precision) -> Path`: a built artifact (cached), all of them in one folder."""
     from edge.pipeline import build
     from edge.recipe import Precision, Recipe
 
     root = tmp_path_factory.mktemp("tiny_artifacts")
     built: dict[tuple, Path] = {}
 
-    def make(family: str = "qwen2", tied: bool = False, weights: str = "fp32", **precision) -> Path:
-        key = (family, bool(tied), weights, tuple(sorted(precision.items())))
+    def make(
+        family: str = "qwen2",
+        tied: bool = False,
+        weights: str = "fp32",
+        *,
+        context_length: int = 256,
+        speculation: dict | None = None,
+        **precision,
+    ) -> Path:
+        extra = (context_length, tuple(sorted((speculation or {}).items())))
+        key = (family, bool(tied), weights, tuple(sorted(precision.items())), extra)
         if key not in built:
             recipe = Recipe(
                 name="tiny",
                 source=str(tiny_model(family, tied)),
-                context_length=256,
+                context_length=context_length,
                 precision=Precision(weights=weights, **precision),
                 fidelity={"enabled": False},
+                speculation=speculation,
             )
             out = root / f"{family}-{'tied' if tied else 'untied'}-{weights}-{len(built)}"
             built[key] = build(recipe, out=out).out_dir

@@ -49,19 +49,9 @@ USER = [{"role": "user", "content": "What is the weather in Oslo?"}]
 
 
 @pytest.fixture(scope="module")
-def artifact(tiny_model, tmp_path_factory):
+def artifact(tiny_artifact):
     """A tiny Qwen2 artifact with room for the tools block the template adds (the shared ones hold 256 tokens)."""
-    from edge.pipeline import build
-    from edge.recipe import Precision, Recipe
-
-    recipe = Recipe(
-        name="tiny",
-        source=str(tiny_model("qwen2")),
-        context_length=2048,
-        precision=Precision(weights="fp32"),
-        fidelity={"enabled": False},
-    )
-    return build(recipe, out=tmp_path_factory.mktemp("openai") / "tiny").out_dir
+    return tiny_artifact("qwen2", context_length=2048)
 
 
 @pytest.fixture(scope="module")

@@ -259,21 +259,6 @@ def test_real_demo_greedy_is_identical_with_prompt_lookup():
 # -- the default speculation a recipe names (manifest block) and per-request speculation in the server --
 
 
-def _with_speculation(tiny_model, out, speculation: dict):
-    from edge.pipeline import build
-    from edge.recipe import Precision, Recipe
-
-    recipe = Recipe(
-        name="tiny",
-        source=str(tiny_model("qwen2")),
-        context_length=256,
-        precision=Precision(weights="fp32"),
-        fidelity={"enabled": False},
-        speculation=speculation,
-    )
-    return build(recipe, out=out).out_dir
-
-
 def test_recipe_speculation_is_validated():
     from edge.recipe import Speculation
 
@@ -283,13 +268,14 @@ def test_recipe_speculation_is_validated():
             Speculation(**bad)
 
 
-def test_manifest_speculation_is_the_cli_default_unless_told_otherwise(tiny_model, tiny_artifact, capsys):
+def test_manifest_speculation_is_the_cli_default_unless_told_otherwise(tiny_artifact, capsys):
     from qwen_edge import cli
     from qwen_edge.contract import SpeculationDefault
 
     draft = tiny_artifact("qwen2", weights="int4")  # a sibling of the artifacts built below
-    lookup_art = _with_speculation(tiny_model, draft.parent / "with-lookup", {"lookup": True, "draft_tokens": 6})
-    draft_art = _with_speculation(tiny_model, draft.parent / "with-draft", {"draft": draft.name, "draft_tokens": 3})
+    lookup_art = tiny_artifact("qwen2", speculation={"lookup": True, "draft_tokens": 6})
+    draft_art = tiny_artifact("qwen2", speculation={"draft": draft.name, "draft_tokens": 3})
+    assert lookup_art.parent == draft_art.parent == draft.parent
     assert json.loads((lookup_art / "manifest.json").read_text())["speculation"] == {"lookup": True, "draft_tokens": 6}
     assert SpeculationDefault.of(Artifact.open(draft_art).manifest) == SpeculationDefault(False, draft.name, 3)
 

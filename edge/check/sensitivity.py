@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 
 from edge import report
-from edge.graph.plan import WeightPlan
+from edge.graph.plan import GROUPS, WeightPlan
 from edge.quantize.blockwise import QuantSpec, quantize
-from edge.quantize.gptq import GROUPS, calibration_ids, calibration_text, embed, layer_forward, layer_weights, rotary
+from edge.quantize.gptq import calibration_ids, calibration_text, embed, layer_forward, layer_weights, rotary
 from edge.sources.base import cache_root, row_blocks
 
 DEFAULT_TOKENS = 512

@@ -19,13 +19,13 @@ LINEAR_PARTS = (
     "mlp.up_proj",
     "mlp.down_proj",
 )
-# The linears the graph packs into one matrix (one storage each), in LINEAR_PARTS names.
-PACKED_LINEARS = (
-    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    ("self_attn.o_proj",),
-    ("mlp.gate_proj", "mlp.up_proj"),
-    ("mlp.down_proj",),
-)
+# The matrices the graph stores per layer (one storage each): key -> (graph name, the LINEAR_PARTS packed in it).
+GROUPS = {
+    "qkv": ("self_attn.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    "o": ("self_attn.o_proj", ("self_attn.o_proj",)),
+    "gate_up": ("mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj")),
+    "down": ("mlp.down_proj", ("mlp.down_proj",)),
+}
 EMBEDDING, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
 
@@ -67,8 +67,8 @@ def storages(plan: WeightPlan, config: QwenConfig) -> dict[str, QuantSpec | str]
     model's lm_head is the embedding table."""
     out = {}
     for i in range(config.num_layers):
-        for group in PACKED_LINEARS:
-            names = [f"model.layers.{i}.{part}.weight" for part in group]
+        for _, parts in GROUPS.values():
+            names = [f"model.layers.{i}.{part}.weight" for part in parts]
             out.update(dict.fromkeys(names, plan.for_linear(names)))
     out[EMBEDDING] = plan.embedding
     if not config.tie_word_embeddings:

@@ -26,9 +26,8 @@ import numpy as np
 from edge.check import sensitivity
 from edge.config import QwenConfig
 from edge.graph.decoder import DecoderGraph, GraphOptions
-from edge.graph.plan import WeightPlan
+from edge.graph.plan import GROUPS, WeightPlan
 from edge.quantize.blockwise import QuantSpec
-from edge.quantize.gptq import GROUPS
 from edge.recipe import Precision
 from qwen_edge import contract
 from qwen_edge.errors import QwenEdgeError

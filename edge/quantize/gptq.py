@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from edge import DATA_DIR, report
 from edge.config import QwenConfig
-from edge.graph.plan import WeightPlan
+from edge.graph.plan import GROUPS, WeightPlan
 from edge.quantize.blockwise import BlockQuantized, QuantSpec, pack, quantize
 from edge.sources.base import row_blocks
 from qwen_edge.contract import TOKENIZER_FILE
@@ -53,14 +53,6 @@ PERCDAMP = 0.01  # dampening: this fraction of the mean Hessian diagonal is adde
 COLUMN_BLOCK = 128  # columns updated together (a multiple of every allowed block size)
 SHRINK = 20  # block ranges tried: the full range and 20 narrower ones, down to 80% (see _grid)
 SHRINK_STEP = 0.01
-
-# Packed linear groups: name in the layer forward -> (graph key suffix, HF weight suffixes).
-GROUPS = {
-    "qkv": ("self_attn.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-    "o": ("self_attn.o_proj", ("self_attn.o_proj",)),
-    "gate_up": ("mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj")),
-    "down": ("mlp.down_proj", ("mlp.down_proj",)),
-}
 
 WeightHook = Callable[[str, torch.Tensor], torch.Tensor]
 
