@@ -15,9 +15,10 @@ import json
 from pathlib import Path
 
 import onnx
+import onnx_ir as ir
 from onnx.external_data_helper import uses_external_data
 
-GATHERS = ("Gather", "GatherBlockQuantized")
+from edge.graph.decoder import gathered_initializers
 
 
 def _size(tensor: onnx.TensorProto) -> int:
@@ -30,8 +31,7 @@ def bytes_per_token(artifact: Path, context: int) -> dict:
     """Weight bytes read per decode step, the gathered tables left out, and the KV cache at ``context``."""
     model = onnx.load(artifact / "model.onnx", load_external_data=False)
     inits = {t.name: t for t in model.graph.initializer}
-    # a gather's data, scales and zero points (its indices are the token ids)
-    gathered = {name for n in model.graph.node if n.op_type in GATHERS for k, name in enumerate(n.input) if k != 1}
+    gathered = gathered_initializers(ir.serde.deserialize_model(model).graph)
     weights = sum(_size(t) for name, t in inits.items() if name not in gathered)
     m = json.loads((artifact / "manifest.json").read_text())["model"]
     kv = 2 * m["num_layers"] * m["num_kv_heads"] * m["head_dim"] * 4 * context  # float32 keys and values

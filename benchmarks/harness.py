@@ -119,6 +119,7 @@ COLUMNS = (  # (header, row key, digits)
     ("mean KL", "mean_kl", 4),
     ("ppl (ref)", "ppl", 2),
     ("greedy 32 match", "greedy_match", 2),
+    ("task pass %", "task_pass", 1),
 )
 
 
@@ -134,6 +135,17 @@ def render_table(rows: Mapping[str, Mapping]) -> str:
             else:
                 cells.append(_cell(row.get(key), digits))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def render_task_rates(result: Mapping) -> str:
+    """Markdown table of a task-rate result (edge.check.tasks.run's): one row per suite and overall, one
+    column per side (the systems and the fp32 reference), pass rates in percent."""
+    rows = [*result["suites"].items(), ("overall", result["overall"])]
+    sides = [k for k in result["overall"] if k != "items"]
+    lines = ["| suite | items | " + " | ".join(sides) + " |", "|---|---:|" + "---:|" * len(sides)]
+    for name, row in rows:
+        lines.append(f"| {name} | {row['items']} | " + " | ".join(f"{100 * row[s]:.1f}" for s in sides) + " |")
     return "\n".join(lines)
 
 

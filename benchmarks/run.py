@@ -94,6 +94,25 @@ SYSTEMS = {
         "method": "gptq",
         "precision": {"block_size": 128, "int8_layers": None, "lm_head_int8_rows": 0},
     },
+    # the size-budgeted allocator (precision.max_size_mb) at the demo's size, at the source GGUF's size and
+    # at 0.8x of it (budget_of_source: that fraction of the recipe's source.size, in MB rounded down)
+    "qwen-edge-alloc-demo": {"kind": "qwen-edge", "recipe": {"0.5b": "demo-474mb"}},
+    **{
+        f"qwen-edge-alloc-{label}": {
+            "kind": "qwen-edge",
+            "recipe": {"0.5b": "demo-474mb", "1.5b": "qwen2.5-coder-1.5b-instruct-int4"},
+            "precision": {"int8_layers": None, "lm_head_int8_rows": 0},
+            "budget_of_source": fraction,
+        }
+        for label, fraction in (("gguf", 1.0), ("0.8gguf", 0.8))
+    },
+    # at the GGUF's size reading no more per token than the demo (387.6 MB: benchmarks/bytes_per_token.py)
+    "qwen-edge-alloc-gguf-read": {
+        "kind": "qwen-edge",
+        "recipe": {"0.5b": "demo-474mb"},
+        "precision": {"max_read_mb": 387.6},
+        "budget_of_source": 1.0,
+    },
     "qwen-edge-int8": {
         "kind": "qwen-edge",
         "recipe": {"0.5b": "qwen2.5-coder-0.5b-instruct-int8", "1.5b": "qwen2.5-coder-1.5b-instruct-int8"},
@@ -114,6 +133,7 @@ SYSTEMS = {
 }
 QUICK_SYSTEMS = ("qwen-edge-int4", "genai-int4")
 OURS = "qwen-edge-int4"
+REFERENCE_SIDE = "fp32 reference"  # the task-rate column every system is compared with
 ANCHOR_GROUPS = {"genai": ("genai-int4",), "llamacpp": ("llamacpp", "llamacpp-1t")}
 ENV_OF = {"genai": "genai", "llamacpp": "llamacpp", "optimum": "optimum"}
 SCRIPT_OF = {
@@ -288,7 +308,7 @@ def _recipe_path(system: str, spec: dict, model: str) -> Path:
 
     name = spec["recipe"][model]
     path = recipes_dir() / f"{name}.yaml"
-    if not {"method", "precision", "overrides"} & set(spec):
+    if not {"method", "precision", "overrides", "budget_of_source"} & set(spec):
         return path
     data = yaml.safe_load(path.read_text())
     data["name"] = system.replace("qwen-edge", name, 1)
@@ -299,6 +319,8 @@ def _recipe_path(system: str, spec: dict, model: str) -> Path:
             precision.pop("int8_layers", None)
     data.setdefault("precision", {}).update(spec.get("precision", {}))
     data.setdefault("overrides", {}).update(spec.get("overrides", {}))
+    if "budget_of_source" in spec:
+        data["precision"]["max_size_mb"] = int(data["source"]["size"] * spec["budget_of_source"] // 10**6)
     out = CACHE / "recipes" / f"{data['name']}.yaml"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(yaml.safe_dump(data, sort_keys=False))
@@ -524,6 +546,7 @@ def run_model(
     work: Path,
     prebuilt: dict | None = None,
     long_prompts: bool = True,
+    task_rates: str | None = None,
 ) -> dict:
     from transformers import AutoTokenizer
 
@@ -570,7 +593,14 @@ def run_model(
         for s in systems:
             if SYSTEMS[s]["kind"] != "transformers":  # the reference itself
                 scores[s] = score(s, artifacts[s], texts, chats, ref_path, work)
+    task_result = None
+    if task_rates:
+        task_result = run_task_rates(model, systems, artifacts, paths, work, nice, task_rates == "full")
+        task_result["form"] = task_rates
     rows = {s: summarize(s, artifacts[s], runs, scenarios, scores.get(s)) for s in systems}
+    if task_result:
+        for s in systems:
+            rows[s]["task_pass"] = 100 * task_result["overall"][s]
     anchors = {g: _best_anchor(rows, cands) for g, cands in ANCHOR_GROUPS.items()}
     metrics = {s: target_metrics(r) for s, r in rows.items()}
     targets = {s: harness.evaluate_targets(metrics, s, anchors) for s in rows if s.startswith(OURS)}
@@ -582,9 +612,72 @@ def run_model(
         "artifacts": artifacts,
         "runs": runs,
         "fidelity": scores,
+        "tasks": task_result,
         "rows": rows,
         "targets": targets,
     }
+
+
+def run_task_rates(
+    model: str, systems: list[str], artifacts: dict, paths: dict, work: Path, nice: int, full: bool = False
+) -> dict:
+    """Every system's greedy replies to the shipped task suites (its anchor's `replies`, a fresh process
+    each), graded together with the transformers fp32 reference's (cached per model and request set)."""
+    import task_rates
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    hf_dir = Path(paths["hf_dir"])
+    eos = json.loads((hf_dir / "config.json").read_text())["eos_token_id"]
+    eos = eos if isinstance(eos, list) else [eos]
+    reqs, suites = task_rates.requests(AutoTokenizer.from_pretrained(hf_dir), eos, full)
+    reqs_path = work / f"task-requests-{model}.json"
+    reqs_path.write_text(json.dumps(reqs))
+
+    def command(kind: str, path, threads: int | None):
+        def cmd(req: Path, out: Path) -> list:
+            extra = ["--threads", threads] if threads else []
+            return [
+                _python(kind),
+                ANCHORS / SCRIPT_OF[kind],
+                "replies",
+                "--model",
+                path,
+                "--requests",
+                req,
+                "--out",
+                out,
+                *extra,
+            ]
+
+        return cmd
+
+    def run(cmd, what):
+        return _run_json(cmd, what, nice, timeout=4 * 3600)
+
+    replies = {}
+    ref_out = work / f"task-replies-reference-{model}-{task_rates.digest(reqs)}.json"
+    if ref_out.exists():
+        replies[REFERENCE_SIDE] = json.loads(ref_out.read_text())
+    else:
+        log(f"{model}: task replies of the fp32 reference")
+        replies[REFERENCE_SIDE] = task_rates.collect(
+            REFERENCE_SIDE, reqs_path, ref_out, command("transformers", hf_dir, 2), run
+        )
+    for s in systems:
+        if SYSTEMS[s]["kind"] == "transformers":
+            replies[s] = replies[REFERENCE_SIDE]
+            continue
+        log(f"{model}: task replies of {s}")
+        out = work / f"task-replies-{s}-{model}.json"
+        kind = SYSTEMS[s]["kind"]
+        threads = SYSTEMS[s].get("threads", 2) if kind != "qwen-edge" else None  # ours: the artifact's profile
+        replies[s] = task_rates.collect(s, reqs_path, out, command(kind, artifacts[s]["path"], threads), run)
+        out.unlink()
+    result = task_rates.grade(suites, replies, Tokenizer.from_file(str(hf_dir / "tokenizer.json")))
+    for name, row in [*result["suites"].items(), ("overall", result["overall"])]:
+        log(f"{model} tasks {name}: " + ", ".join(f"{s} {row[s]:.1%}" for s in replies))
+    return result
 
 
 # -- speculative decoding -----------------------------------------------------------------------------
@@ -743,6 +836,10 @@ def write_outputs(result: dict) -> Path:
             harness.render_table(m["rows"]),
             "",
         ]
+        if m.get("tasks"):
+            form = m["tasks"].get("form", "default")
+            md += [f"Task pass rates (%, the shipped suites' {form} form, greedy, the same prompt ids):", ""]
+            md += [harness.render_task_rates(m["tasks"]), ""]
         for system, targets in m["targets"].items():
             md += [f"Targets ({system} vs the anchors in this run):", "", harness.render_targets(targets), ""]
         md += _plots(m, prefix)
@@ -804,6 +901,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-fidelity", action="store_true", help="skip the fidelity comparison")
     parser.add_argument(
+        "--task-rates",
+        nargs="?",
+        const="default",
+        choices=("default", "full"),
+        help="also the pass rates on the shipped task suites (their default or full form), every system and the "
+        "fp32 reference (minutes each)",
+    )
+    parser.add_argument(
         "--prebuilt",
         action="append",
         default=[],
@@ -847,6 +952,12 @@ def main(argv: list[str] | None = None) -> int:
             for m in models:
                 if SYSTEMS[s]["kind"] == "qwen-edge" and m not in SYSTEMS[s]["recipe"]:
                     log(f"{s} has no recipe for {m}: skipped for that model")
+    no_replies = [s for s in systems if SYSTEMS.get(s, {}).get("kind") == "optimum"]
+    if args.task_rates and no_replies:
+        print(
+            f"error: {', '.join(no_replies)} cannot answer the task suites; drop them or --task-rates", file=sys.stderr
+        )
+        return 2
     prebuilt, bad_prebuilt = _parse_prebuilt(args.prebuilt, systems, models)
     if bad_prebuilt:
         print(f"error: {bad_prebuilt}", file=sys.stderr)
@@ -872,6 +983,7 @@ def main(argv: list[str] | None = None) -> int:
                 work,
                 prebuilt,
                 not args.decode_only,
+                args.task_rates,
             )
             for m in models
         ]

@@ -172,8 +172,14 @@ def _check_size_budget(recipe: Recipe, source):
     from edge.quantize import allocator
 
     sizer = allocator.Sizer(source, recipe.precision, recipe.context_length)
-    allocator.check_budget(sizer, int(recipe.precision.max_size_mb * 1e6))
+    allocator.check_budget(sizer, *_budgets(recipe))
     return sizer
+
+
+def _budgets(recipe: Recipe) -> tuple[int, int | None]:
+    """The allocator's budgets in bytes: the artifact's size and (if set) what a decode step reads."""
+    read = recipe.precision.max_read_mb
+    return int(recipe.precision.max_size_mb * 1e6), None if read is None else int(read * 1e6)
 
 
 def _allocate(recipe: Recipe, source, sizer):
@@ -184,11 +190,14 @@ def _allocate(recipe: Recipe, source, sizer):
     reporter = report.current()
     reporter.status("measuring per-tensor sensitivity on the calibration text")
     measured = sensitivity.measure(source, recipe.precision.symmetric)
-    allocation = allocator.allocate(sizer, measured["kl"], int(recipe.precision.max_size_mb * 1e6))
+    allocation = allocator.allocate(sizer, measured["kl"], *_budgets(recipe))
+    read_budget = recipe.precision.max_read_mb
     reporter.line(
         f"allocation: {allocation.predicted_bytes / 1e6:.1f} MB predicted "
         f"(budget {recipe.precision.max_size_mb:g} MB), "
-        f"predicted mean KL {allocation.predicted_kl:.4f}"
+        f"{allocation.predicted_read_bytes / 1e6:.1f} MB read per token"
+        + ("" if read_budget is None else f" (budget {read_budget:g} MB)")
+        + f", predicted mean KL {allocation.predicted_kl:.4f}"
     )
     return allocation
 

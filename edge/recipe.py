@@ -35,7 +35,9 @@ embedding's blobs then stores its own lm_head.
 artifact at M MB (10^6 bytes): ``edge.quantize.allocator`` chooses every tensor's storage (int4 in blocks
 of 32/64/128 or int8, embedding, lm_head and its int8 rows included) to minimise the loss predicted by
 each tensor's measured sensitivity (``edge.check.sensitivity``); a budget below the smallest reachable
-size fails before any weight is read, naming that size.
+size fails before any weight is read, naming that size. ``max_read_mb: R`` (with ``max_size_mb``) also
+caps the weight bytes a decode step reads at R MB (every weight but the embedding rows it does not
+gather): decode speed where memory bandwidth bounds it, so a size budget can go to the embedding table.
 """
 
 from __future__ import annotations
@@ -101,6 +103,8 @@ class Precision(_Strict):
     lm_head_int8_rows: Annotated[int, Field(ge=0)] = 0
     # The whole artifact's size in MB (10^6 bytes): edge.quantize.allocator picks each tensor's storage.
     max_size_mb: Annotated[float, Field(gt=0)] | None = None
+    # The weight MB a decode step reads (with max_size_mb): the allocator's second budget.
+    max_read_mb: Annotated[float, Field(gt=0)] | None = None
 
     @model_validator(mode="after")
     def _mixed_policy(self) -> "Precision":
@@ -114,6 +118,8 @@ class Precision(_Strict):
             raise ValueError("calibration_tokens is only used with method 'gptq'")
         if self.lm_head_int8_rows and self.lm_head_bits != "int4":
             raise ValueError("lm_head_int8_rows needs an int4 lm_head (an int8 one is int8 throughout)")
+        if self.max_read_mb is not None and self.max_size_mb is None:
+            raise ValueError("max_read_mb is a second budget of the allocator: set max_size_mb too")
         if self.max_size_mb is not None:
             if self.method not in ("rtn", "gptq") or self.weights != "int4":
                 raise ValueError(

@@ -31,12 +31,14 @@ def _sizer(path: Path, **precision) -> allocator.Sizer:
     return allocator.Sizer(open_source(str(path)), Precision(**precision), 256)
 
 
-def _recipe(path: Path, mb: float, method: str = "rtn", fidelity: bool = False) -> Recipe:
+def _recipe(
+    path: Path, mb: float, method: str = "rtn", fidelity: bool = False, read_mb: float | None = None
+) -> Recipe:
     return Recipe(
         name="budget",
         source=str(path),
         context_length=256,
-        precision=Precision(weights="int4", method=method, max_size_mb=mb),
+        precision=Precision(weights="int4", method=method, max_size_mb=mb, max_read_mb=read_mb),
         fidelity={"enabled": fidelity, "max_tokens": 64},
         overrides={"fidelity_threshold": {"max_kl": 100.0}},  # a random tiny model is far from int4-friendly
     )
@@ -105,6 +107,55 @@ def test_a_budget_too_small_fails_before_any_weight_is_read(tiny_model, tmp_path
     assert not (tmp_path / "cache" / "sensitivity").exists()  # nothing was measured
 
 
+def _bench_module(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        name, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_read_budget_holds_and_is_what_a_decode_step_of_the_artifact_reads(cache, tiny_model, tmp_path):
+    path = tiny_model("qwen2", False)  # untied: the embedding's rows are gathered, lm_head is read whole
+    sizer = _sizer(path)
+    kl = sensitivity.measure(open_source(str(path)))["kl"]
+    budget = int(sizer.smallest() * 1.35)
+    free = allocator.allocate(sizer, kl, budget)
+    least = sizer.least_read()
+    assert least < free.predicted_read_bytes  # room to ask for less
+    losses = []
+    for fraction in (1.0, 0.75, 0.5, 0.25, 0.0):
+        read_budget = int(least + fraction * (free.predicted_read_bytes - least))
+        capped = allocator.allocate(sizer, kl, budget, read_budget)
+        assert capped.predicted_read_bytes == sizer.read(capped.plan) <= read_budget
+        assert capped.predicted_bytes <= budget
+        losses.append(capped.predicted_kl)
+    assert losses[0] == pytest.approx(free.predicted_kl)
+    assert all(b >= a - 1e-12 for a, b in zip(losses, losses[1:])), losses  # less read never predicts less loss
+    assert losses[-1] > losses[0]
+    # built: the manifest's read is what benchmarks/bytes_per_token.py counts on the artifact
+    read_mb = (least + (free.predicted_read_bytes - least) // 2) / 1e6
+    out = build(_recipe(path, budget / 1e6, read_mb=read_mb), out=tmp_path / "a").out_dir
+    plan = json.loads((out / contract.MANIFEST).read_text())["allocation"]
+    counted = _bench_module("bytes_per_token").bytes_per_token(out, 1)
+    assert plan["predicted_read_bytes"] == counted["weights"] <= plan["read_budget_bytes"] == int(read_mb * 1e6)
+    assert counted["gathered_tables"] > 0
+
+
+def test_a_read_budget_below_the_least_read_fails_before_any_weight_is_read(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("QWEN_EDGE_CACHE", str(tmp_path / "cache"))
+    path = tiny_model("qwen2", False)
+    sizer = _sizer(path)
+    least = sizer.least_read()
+    with pytest.raises(allocator.BudgetError, match=rf"reads \({least / 1e6:.3f} MB.*raise max_read_mb"):
+        build(_recipe(path, sizer.smallest() * 2 / 1e6, read_mb=(least - 1) / 1e6), out=tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+    assert not (tmp_path / "cache" / "sensitivity").exists()
+
+
 @pytest.mark.parametrize(
     "extra,message",
     [
@@ -121,4 +172,7 @@ def test_recipe_checks_of_max_size_mb(tmp_path, extra, message):
         load_recipe(recipe)
     recipe.write_text("name: r\nsource: ./model\nprecision:\n  max_size_mb: 0\n  method: rtn\n")
     with pytest.raises(RecipeError, match="max_size_mb"):
+        load_recipe(recipe)
+    recipe.write_text("name: r\nsource: ./model\nprecision:\n  max_read_mb: 300\n  method: rtn\n")
+    with pytest.raises(RecipeError, match="max_read_mb is a second budget of the allocator: set max_size_mb too"):
         load_recipe(recipe)

@@ -156,6 +156,25 @@ def test_method_variant_systems_are_valid_recipes(tmp_path, monkeypatch):
                 assert getattr(recipe.precision, key) == value
 
 
+def test_allocator_systems_budget_a_fraction_of_the_source_size(tmp_path, monkeypatch):
+    from edge.recipe import load_recipe
+
+    run = _load("bench_run", ROOT / "benchmarks" / "run.py")
+    monkeypatch.setattr(run, "CACHE", tmp_path)
+    budgets = {}
+    for system in ("qwen-edge-alloc-gguf", "qwen-edge-alloc-0.8gguf"):
+        for model in ("0.5b", "1.5b"):
+            recipe = load_recipe(str(run._recipe_path(system, run.SYSTEMS[system], model)))
+            assert recipe.precision.int8_layers is None and recipe.precision.lm_head_int8_rows == 0
+            budgets[system, model] = recipe.precision.max_size_mb
+    assert budgets == {
+        ("qwen-edge-alloc-gguf", "0.5b"): 491,  # the GGUF: 491,400,064 bytes
+        ("qwen-edge-alloc-gguf", "1.5b"): 1117,  # 1,117,320,768 bytes
+        ("qwen-edge-alloc-0.8gguf", "0.5b"): 393,
+        ("qwen-edge-alloc-0.8gguf", "1.5b"): 893,
+    }
+
+
 def test_every_qwen_edge_system_names_shipped_recipes():
     from edge.recipe import list_recipes
 
@@ -216,3 +235,57 @@ def test_draft_system_and_its_artifact_go_together(tmp_path, capsys):
         assert needle in err and err.count("\n") == 1
     art = run.speculation_cmd("qwen-edge-draft", Path("big"), Path("g"), Path("t"), Path("i"), 3, tmp_path)
     assert art[-3:] == ["--draft", tmp_path, "--no-lookup"]
+
+
+def test_task_replies_through_the_anchors_grade_as_the_task_check(tiny_model, tiny_artifact, tmp_path, monkeypatch):
+    """The benchmark's task-rate path: requests from the suites, our loop's and the fp32 reference's
+    `replies` each in its own process, graded by edge.check.tasks; an fp32 artifact replies like its
+    reference and like the task check's own in-process loop."""
+    import json
+    import subprocess
+    import sys
+
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    from edge.check import tasks
+    from qwen_edge.artifact import Artifact
+
+    task_rates = _load("bench_task_rates", ROOT / "benchmarks" / "task_rates.py")
+    monkeypatch.setattr(tasks, "MAX_NEW_TOKENS", {"code": 12, "answer": 6})
+    shipped = tasks.load_suites
+    monkeypatch.setattr(tasks, "load_suites", lambda full=False: {k: v[:1] for k, v in shipped(full).items()})
+    model, art = tiny_model("qwen2"), tiny_artifact("qwen2")
+    eos = json.loads((model / "config.json").read_text())["eos_token_id"]
+    reqs, suites = task_rates.requests(AutoTokenizer.from_pretrained(model), eos if isinstance(eos, list) else [eos])
+    assert len(reqs["items"]) == 4 and {r["max_new_tokens"] for r in reqs["items"].values()} == {12, 6}
+    path = tmp_path / "requests.json"
+    path.write_text(json.dumps(reqs))
+    replies = {}
+    for side, script, target in (("ours", "qwen_edge_anchor.py", art), ("fp32", "transformers_fp32.py", model)):
+        out = tmp_path / f"{side}.json"
+        cmd = [sys.executable, ROOT / "benchmarks" / "anchors" / script, "replies", "--model", target]
+        done = subprocess.run(
+            [*map(str, cmd), "--requests", str(path), "--out", str(out)], capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr
+        replies[side] = json.loads(out.read_text())
+    assert replies["ours"] == replies["fp32"] and all(replies["ours"].values())
+    result = task_rates.grade(suites, replies, Tokenizer.from_file(str(model / "tokenizer.json")))
+    chat = tasks.session(Artifact.open(art))
+    direct = tasks.run(
+        {"ours": tasks.artifact_generator(chat)}, lambda m: chat.prompt(m, enable_thinking=False), suites
+    )
+    for name, items in direct["items"].items():
+        for item_id, outcome in items.items():
+            graded = result["items"][name][item_id]
+            assert graded["ours"] == graded["fp32"] == outcome["ours"]
+    assert result["overall"]["items"] == 4 and result["overall"]["ours"] == direct["overall"]["ours"]
+    assert "| overall | 4 |" in harness.render_task_rates(result)
+
+
+def test_task_rates_refuse_systems_without_replies(capsys):
+    run = _load("bench_run", ROOT / "benchmarks" / "run.py")
+    assert run.main(["--systems", "optimum-fp32,llamacpp", "--models", "0.5b", "--task-rates"]) == 2
+    err = capsys.readouterr().err
+    assert "optimum-fp32 cannot answer the task suites" in err and err.count("\n") == 1

@@ -4,7 +4,10 @@
 - the timing record one `run` prints (ttft_ms, prefill_tps, decode_tps, peak_rss_mb, ...),
 - the `repeat` driver (one discarded process, then N fresh `run` processes, median),
 - the `logits` contract: a JSON file of named token-id sequences in, an npz of float32
-  `[n, vocab]` logits per name out (written to a temp file, renamed at the end).
+  `[n, vocab]` logits per name out (written to a temp file, renamed at the end),
+- the `replies` contract (task pass rates): a JSON file of named greedy requests in (prompt ids, a
+  new-token limit, stop strings, the eos ids), each reply's new token ids out; the caller decodes,
+  cuts at the first stop string and grades, so every system is graded by the same code.
 """
 
 from __future__ import annotations
@@ -135,6 +138,50 @@ def write_logits(ids_path: str, out_path: str, logits_of: Callable[[list[int]], 
     return {"sequences": len(out), "positions": sum(v.shape[0] for v in out.values()), "out": out_path}
 
 
+def write_replies(
+    requests_path: str, out_path: str, reply_of: Callable[[list[int], int, list[str], set], list]
+) -> dict:
+    """Run `reply_of(ids, max_new_tokens, stops, eos) -> new token ids` (greedy; stopping at an eos id,
+    not included, or once the decoded reply holds a stop string) on every request; save JSON atomically."""
+    try:
+        with open(requests_path, encoding="utf-8") as f:
+            requests = json.load(f)
+        eos = {int(i) for i in requests["eos"]}
+        items = requests["items"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        fail(f"cannot read the requests file {requests_path}: {e}; let benchmarks/run.py write it")
+    out, start = {}, time.perf_counter()
+    for n, (name, req) in enumerate(items.items(), 1):
+        out[name] = [
+            int(t) for t in reply_of([int(i) for i in req["ids"]], int(req["max_new_tokens"]), req["stops"], eos)
+        ]
+        print(f"replies {n}/{len(items)}: {name} ({len(out[name])} tokens)", file=sys.stderr, flush=True)
+    tmp = out_path + ".partial"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(out, f)
+    os.replace(tmp, out_path)
+    return {
+        "replies": len(out),
+        "tokens": sum(map(len, out.values())),
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+
+
+def add_replies_args(p, model_help: str, threads: int | None = None) -> None:
+    """The `replies` subcommand's arguments: the model, the requests to answer and the JSON to write."""
+    requests = ("--requests", "JSON {eos: [ids], items: {name: {ids, max_new_tokens, stops}}}")
+    _add_io_args(p, model_help, requests, "JSON {name: [new token ids]} to write", threads)
+
+
+def _add_io_args(p, model_help: str, given: tuple[str, str], out_help: str, threads: int | None) -> None:
+    """--model, the input file option `given` (flag, help), --out and, with a default, --threads."""
+    p.add_argument("--model", required=True, help=model_help)
+    p.add_argument(given[0], required=True, help=given[1])
+    p.add_argument("--out", required=True, help=out_help)
+    if threads is not None:
+        p.add_argument("--threads", type=int, default=threads)
+
+
 def hf_generate(model, ids: list[int], new_tokens: int) -> tuple[float, float, int]:
     """Greedy transformers-style generate() of exactly new_tokens; a streamer stamps the first token.
 
@@ -217,11 +264,7 @@ def code_prompt(
 
 def add_logits_args(p, model_help: str, threads: int | None = None) -> None:
     """The `logits` subcommand's arguments: the model, the token ids to score and the npz to write."""
-    p.add_argument("--model", required=True, help=model_help)
-    p.add_argument("--ids", required=True, help="JSON {name: [token ids]}")
-    p.add_argument("--out", required=True, help="npz to write")
-    if threads is not None:
-        p.add_argument("--threads", type=int, default=threads)
+    _add_io_args(p, model_help, ("--ids", "JSON {name: [token ids]}"), "npz to write", threads)
 
 
 def add_run_args(p, model_help: str, threads: int, threads_help: str) -> None:

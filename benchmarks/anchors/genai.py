@@ -11,6 +11,7 @@ nothing from qwen_edge. Subcommands:
           a last line with the median of each number ("run": "median").
   logits  logits at every position of each sequence in --ids, from the artifact's model.onnx on plain
           onnxruntime (the graph returns every position's logits) -> float32 npz.
+  replies greedy replies (genai's own search) to the task requests in --requests -> new token ids (JSON).
 """
 
 from __future__ import annotations
@@ -127,19 +128,24 @@ def _generate(og, model, ids: list[int], new_tokens: int) -> tuple[float, float,
     return t1 - t0, t2 - t1, count
 
 
+def _model(og, path: str, threads: int):
+    """An artifact directory's genai model on the CPU provider (`threads` intra-op threads; 0: genai's default)."""
+    if not os.path.isfile(os.path.join(path, "genai_config.json")):
+        _fail(f"{path} has no genai_config.json; build it first with `genai.py build`")
+    config = og.Config(path)
+    config.clear_providers()  # CPU
+    if threads:
+        options = {"intra_op_num_threads": threads}
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
+    return og.Model(config)
+
+
 def run(args: argparse.Namespace) -> dict:
     """One measurement in this process: load, warm up, one timed greedy generation."""
-    if not os.path.isfile(os.path.join(args.model, "genai_config.json")):
-        _fail(f"{args.model} has no genai_config.json; build it first with `genai.py build`")
     import onnxruntime_genai as og
 
     t0 = time.perf_counter()
-    config = og.Config(args.model)
-    config.clear_providers()  # CPU
-    if args.threads:
-        options = {"intra_op_num_threads": args.threads}
-        config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
-    model = og.Model(config)
+    model = _model(og, args.model, args.threads)
     tok = og.Tokenizer(model)
     load_ms = (time.perf_counter() - t0) * 1000
     if args.ids_file:
@@ -218,6 +224,32 @@ def logits(args: argparse.Namespace) -> dict:
     return common.write_logits(args.ids, args.out, logits_of)
 
 
+def replies(args: argparse.Namespace) -> dict:
+    """Greedy replies through genai's own generator loop, stopping at the requests' eos ids or a stop string."""
+    import onnxruntime_genai as og
+
+    model = _model(og, args.model, args.threads)
+    tok = og.Tokenizer(model)
+
+    def reply_of(ids, max_new_tokens, stops, eos):
+        params = og.GeneratorParams(model)
+        params.set_search_options(do_sample=False, max_length=len(ids) + max_new_tokens)
+        gen = og.Generator(model, params)
+        gen.append_tokens(ids)
+        new = []
+        while not gen.is_done() and len(new) < max_new_tokens:
+            gen.generate_next_token()
+            token = int(gen.get_next_tokens()[0])
+            if token in eos:
+                break
+            new.append(token)
+            if any(s in tok.decode(new) for s in stops):
+                break
+        return new
+
+    return common.write_replies(args.requests, args.out, reply_of)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -248,6 +280,7 @@ def main(argv: list[str] | None = None) -> None:
     lg.add_argument("--model", required=True, help="artifact directory with genai_config.json")
     lg.add_argument("--ids", required=True, help="JSON {name: [token ids]}")
     lg.add_argument("--out", required=True, help="npz to write")
+    common.add_replies_args(sub.add_parser("replies", help="greedy replies to task requests"), "artifact directory", 2)
     args = parser.parse_args(argv)
     if getattr(args, "ids_file", None) and args.prompt_tokens is None:
         _fail("--ids-file needs --prompt-tokens N (which prompt of the file)")
@@ -259,6 +292,8 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(run(args)), flush=True)
     elif args.cmd == "logits":
         print(json.dumps(logits(args)), flush=True)
+    elif args.cmd == "replies":
+        print(json.dumps(replies(args)), flush=True)
     else:
         repeat(args)
 

@@ -7,6 +7,7 @@ Runs inside the anchor venv (`benchmarks/envs/setup.sh llamacpp`). Subcommands:
           exactly --new-tokens (EOS does not stop it); prints one JSON object.
   repeat  one discarded process, then --reps `run` processes; each JSON line and the median.
   logits  logits at every position of each sequence in --ids (logits_all=True) -> float32 npz.
+  replies greedy replies to the task requests in --requests -> their new token ids (JSON).
 """
 
 from __future__ import annotations
@@ -93,6 +94,27 @@ def logits(args) -> dict:
     return common.write_logits(args.ids, args.out, logits_of)
 
 
+def replies(args) -> dict:
+    with open(args.requests, encoding="utf-8") as f:
+        items = json.load(f).get("items", {})
+    longest = max((len(r["ids"]) + r["max_new_tokens"] for r in items.values()), default=1)
+    llm = _load(args.model, longest + 8, args.threads)
+
+    def reply_of(ids, max_new_tokens, stops, eos):
+        llm.reset()
+        new = []
+        for token in llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
+            if token in eos:
+                break
+            new.append(token)
+            text = llm.detokenize(new).decode("utf-8", errors="ignore")
+            if len(new) >= max_new_tokens or any(s in text for s in stops):
+                break
+        return new
+
+    return common.write_replies(args.requests, args.out, reply_of)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -101,12 +123,15 @@ def main(argv: list[str] | None = None) -> None:
         common.add_run_args(p, "GGUF file", 2, "n_threads and n_threads_batch (default 2: the machine's cores)")
         p.add_argument("--lookup", type=int, default=0, help="prompt-lookup draft of this many tokens (0: off)")
     common.add_logits_args(sub.add_parser("logits"), "GGUF file", threads=2)
+    common.add_replies_args(sub.add_parser("replies"), "GGUF file", threads=2)
     args = parser.parse_args(argv)
     if args.cmd == "run":
         print(json.dumps(run(args)), flush=True)
     elif args.cmd == "repeat":
         lookup = ["--lookup", str(args.lookup)] if args.lookup else []
         common.repeat(os.path.abspath(__file__), common.run_argv(args) + lookup, args.reps, ANCHOR)
+    elif args.cmd == "replies":
+        print(json.dumps(replies(args)), flush=True)
     else:
         print(json.dumps(logits(args)), flush=True)
 

@@ -7,6 +7,8 @@ Runs in the project venv (/work/venv: torch 2.13 CPU, transformers 5). Subcomman
   repeat     one discarded process, then --reps `run` processes; each JSON line and the median.
   reference  the fidelity reference: float32 logits at every position of each sequence in --ids, and
              the greedy continuation (--greedy-tokens) of each prompt in --prompts -> one npz.
+  replies    greedy replies to the task requests in --requests (the task check's reference loop) -> new
+             token ids (JSON).
 """
 
 from __future__ import annotations
@@ -75,6 +77,23 @@ def reference(args) -> dict:
     return {**result, "greedy_prompts": len(continuations)}
 
 
+def replies(args) -> dict:
+    from tokenizers import Tokenizer
+
+    from edge.check.tasks import reference_replier
+
+    model = _load(args.model, args.threads)
+    tokenizer = Tokenizer.from_file(os.path.join(args.model, "tokenizer.json"))
+    reply = None
+
+    def reply_of(ids, max_new_tokens, stops, eos):
+        nonlocal reply
+        reply = reply or reference_replier(model, tokenizer, sorted(eos))
+        return reply(ids, max_new_tokens, stops)
+
+    return common.write_replies(args.requests, args.out, reply_of)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -92,11 +111,13 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--greedy-tokens", type=int, default=32)
     r.add_argument("--out", required=True, help="npz to write")
     r.add_argument("--threads", type=int, default=0)
+    common.add_replies_args(sub.add_parser("replies"), "Hugging Face model directory (fp32)", threads=0)
     args = parser.parse_args(argv)
     if args.cmd == "repeat":
         common.repeat(os.path.abspath(__file__), common.run_argv(args), args.reps, ANCHOR)
         return
-    print(json.dumps(run(args) if args.cmd == "run" else reference(args)), flush=True)
+    commands = {"run": run, "reference": reference, "replies": replies}
+    print(json.dumps(commands[args.cmd](args)), flush=True)
 
 
 if __name__ == "__main__":

@@ -155,19 +155,20 @@ def check_answer(item: Mapping[str, Any], reply: str) -> bool:
     return any(normalize(a) in text for a in item["accept"])
 
 
-def _is_code(item: Mapping[str, Any]) -> bool:
+def is_code(item: Mapping[str, Any]) -> bool:
+    """Whether an item is a coding problem (graded by its unit tests) rather than a checkable answer."""
     return "tests" in item
 
 
 def messages(item: Mapping[str, Any]) -> list[dict]:
     """The one-turn conversation an item asks."""
-    text = f"{item['prompt']} {CODE_SUFFIX}" if _is_code(item) else item["prompt"]
+    text = f"{item['prompt']} {CODE_SUFFIX}" if is_code(item) else item["prompt"]
     return [{"role": "user", "content": text}]
 
 
 def grade(item: Mapping[str, Any], reply: str) -> Outcome:
     """Whether a reply passes an item: a coding item's extracted code passes its tests, a text item's answer checks."""
-    if _is_code(item):
+    if is_code(item):
         return run_python(extract_code(reply, item["entry_point"]), item["tests"])
     passed = check_answer(item, reply)
     return Outcome(passed, "" if passed else "wrong answer")
@@ -182,10 +183,12 @@ def artifact_generator(chat) -> GenerateFn:
     return generate
 
 
-def reference_generator(model, tokenizer, eos_token_ids: Sequence[int]) -> GenerateFn:
-    """Greedy replies from a transformers CausalLM (plain argmax: no repetition penalty), decoded with
-    the artifact's ``tokenizer`` (a `tokenizers.Tokenizer`) and cut at the first stop string, as the
-    runtime's loop stops."""
+def reference_replier(
+    model, tokenizer, eos_token_ids: Sequence[int]
+) -> Callable[[Sequence[int], int, Sequence[str]], list[int]]:
+    """Greedy new token ids from a transformers CausalLM (plain argmax: no repetition penalty) after prompt
+    ids, stopping at an eos id (not included) or once the reply, decoded with ``tokenizer`` (a
+    `tokenizers.Tokenizer`), holds a stop string."""
     import torch
     from transformers import StoppingCriteria, StoppingCriteriaList
 
@@ -199,8 +202,8 @@ def reference_generator(model, tokenizer, eos_token_ids: Sequence[int]) -> Gener
 
     eos = list(eos_token_ids)
 
-    def generate(prompt, max_new_tokens: int, stop_strings: Sequence[str]) -> str:
-        inp = torch.tensor([list(prompt.ids)], dtype=torch.long)
+    def reply(ids: Sequence[int], max_new_tokens: int, stop_strings: Sequence[str]) -> list[int]:
+        inp = torch.tensor([list(ids)], dtype=torch.long)
         with torch.inference_mode():
             out = model.generate(
                 input_ids=inp,
@@ -212,10 +215,25 @@ def reference_generator(model, tokenizer, eos_token_ids: Sequence[int]) -> Gener
                 pad_token_id=eos[0] if eos else None,
                 stopping_criteria=StoppingCriteriaList([StopText(inp.shape[1], stop_strings)]),
             )
-        new = [t for t in out[0, inp.shape[1] :].tolist() if t not in eos]
-        text = tokenizer.decode(new, skip_special_tokens=True)
-        cut = min((text.find(s) for s in stop_strings if s in text), default=len(text))
-        return text[:cut]
+        new = out[0, inp.shape[1] :].tolist()
+        return new[: next((i for i, t in enumerate(new) if t in eos), len(new))]
+
+    return reply
+
+
+def reply_text(tokenizer, token_ids: Sequence[int], stop_strings: Sequence[str]) -> str:
+    """A reply's text as the runtime's loop returns it: decoded without special tokens, cut at a stop string."""
+    text = tokenizer.decode(list(token_ids), skip_special_tokens=True)
+    cut = min((text.find(s) for s in stop_strings if s in text), default=len(text))
+    return text[:cut]
+
+
+def reference_generator(model, tokenizer, eos_token_ids: Sequence[int]) -> GenerateFn:
+    """Greedy replies from a transformers CausalLM (`reference_replier`), as text cut like the runtime's."""
+    reply = reference_replier(model, tokenizer, eos_token_ids)
+
+    def generate(prompt, max_new_tokens: int, stop_strings: Sequence[str]) -> str:
+        return reply_text(tokenizer, reply(prompt.ids, max_new_tokens, stop_strings), stop_strings)
 
     return generate
 
@@ -236,7 +254,7 @@ def run(
     work = [(name, item) for name, items in suites.items() for item in items]
     for name, item in report.current().bar(work, desc="tasks"):
         prompt = render(messages(item))
-        kind = "code" if _is_code(item) else "answer"
+        kind = "code" if is_code(item) else "answer"
         stops = (CODE_STOP,) if kind == "code" else ()
         entry = result["items"].setdefault(name, {})[item["id"]] = {}
         for side, generate in sides.items():

@@ -547,6 +547,26 @@ class DecoderGraph:
         return ir.Model(graph, ir_version=10, producer_name="qwen-edge")
 
 
+GATHER_OPS = frozenset({"Gather", "GatherBlockQuantized"})
+_PASS_THROUGH = frozenset({"Cast", "Unsqueeze"})  # what the graph puts between a table's scales and its gather
+
+
+def gathered_initializers(graph: ir.Graph) -> set[str]:
+    """Initializers a decode step reads only a few rows of: every use is a gather's table, scales or zero
+    points, directly or through a Cast/Unsqueeze of that initializer alone (the embedding table unless
+    lm_head shares its blobs, the rotary caches). The others are read whole for every generated token."""
+
+    def rows_only(value: ir.Value) -> bool:
+        uses = value.uses()
+        return bool(uses) and all(
+            (node.op_type in GATHER_OPS and index != 1)
+            or (node.op_type in _PASS_THROUGH and index == 0 and all(rows_only(out) for out in node.outputs))
+            for node, index in uses
+        )
+
+    return {name for name, value in graph.initializers.items() if rows_only(value)}
+
+
 def export(source, out_dir: Path, plan: WeightPlan, options: GraphOptions, quantized=None) -> None:
     """Write the decoder of `source` into `out_dir` as the artifact's graph file and its external data
     file (contract.MODEL_FILE, contract.MODEL_DATA_FILE, aligned for memory mapping), then its tokenizer files.

@@ -11,6 +11,12 @@ the data file included.
 
 The choice is a multiple-choice knapsack solved exactly by dynamic programming over byte units of a size
 fixed per model (so a bigger budget never predicts more loss); units are rounded up, so the budget holds.
+
+``precision.max_read_mb`` adds a second budget: the weight bytes a decode step reads (every initializer
+but the rows a gather picks: the embedding table, unless lm_head shares it, is not read per token), which
+bounds decode speed where memory bandwidth does. It is met by Lagrangian relaxation: each option's loss
+is charged ``lambda`` per byte it reads, the smallest ``lambda`` whose plan reads within the budget is
+found by bisection, and what that plan leaves of both budgets is spent by one-group upgrades, best first.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import numpy as np
 
 from edge.check import sensitivity
 from edge.config import QwenConfig
-from edge.graph.decoder import DecoderGraph, GraphOptions
+from edge.graph.decoder import DecoderGraph, GraphOptions, gathered_initializers
 from edge.graph.plan import GROUPS, WeightPlan
 from edge.quantize.blockwise import QuantSpec
 from edge.recipe import Precision
@@ -48,11 +54,12 @@ class BudgetError(QwenEdgeError):
 
 @dataclass(frozen=True)
 class Option:
-    """One storage of one group: its label, bytes and predicted loss."""
+    """One storage of one group: its label, bytes, predicted loss and the bytes a decode step reads of it."""
 
     label: str
     bytes: int
     loss: float
+    read: int = 0
 
 
 @dataclass(frozen=True)
@@ -63,6 +70,8 @@ class Allocation:
     choices: dict[str, Option]  # group -> chosen option
     predicted_bytes: int  # the artifact's data file plus tokenizer files
     budget_bytes: int
+    predicted_read_bytes: int  # weight bytes a decode step reads
+    read_budget_bytes: int | None = None
 
     @property
     def predicted_kl(self) -> float:
@@ -73,6 +82,8 @@ class Allocation:
         return {
             "budget_bytes": self.budget_bytes,
             "predicted_bytes": self.predicted_bytes,
+            "read_budget_bytes": self.read_budget_bytes,
+            "predicted_read_bytes": self.predicted_read_bytes,
             "predicted_mean_kl": self.predicted_kl,
             "tensors": {
                 g: {"storage": o.label, "bytes": o.bytes, "predicted_kl": o.loss} for g, o in self.choices.items()
@@ -80,14 +91,20 @@ class Allocation:
         }
 
 
-def _tensors(config: QwenConfig, plan: WeightPlan, context_length: int) -> list[tuple[str, int]]:
-    """(name, bytes) of every initializer the exporter writes for `plan`, in the order it writes them."""
+def _tensors(config: QwenConfig, plan: WeightPlan, context_length: int) -> tuple[list[tuple[str, int]], set[str]]:
+    """(name, bytes) of every initializer the exporter writes for `plan`, in the order it writes them, and
+    the names of those a decode step reads only rows of (`gathered_initializers`)."""
 
     def unread(name, rows=None):  # only shapes and dtypes are looked at
         raise AssertionError(f"the size of a plan reads no weights ({name})")
 
     model = DecoderGraph(config, unread, plan, GraphOptions(context_length)).build()
-    return [(name, v.const_value.nbytes) for name, v in model.graph.initializers.items()]
+    tensors = [(name, v.const_value.nbytes) for name, v in model.graph.initializers.items()]
+    return tensors, gathered_initializers(model.graph)
+
+
+def _read_bytes(tensors: list[tuple[str, int]], gathered: set[str]) -> int:
+    return sum(size for name, size in tensors if name not in gathered)
 
 
 def data_file_bytes(tensors: list[tuple[str, int]]) -> int:
@@ -104,13 +121,18 @@ def data_file_bytes(tensors: list[tuple[str, int]]) -> int:
     return offset
 
 
+def _group_of(name: str) -> str | None:
+    """The group an initializer belongs to: a linear's graph key, TABLES, or None (no choice changes it)."""
+    if name.startswith(("model.embed_tokens", "lm_head")):
+        return TABLES
+    match = _BLOB.match(name)
+    return match.group(1) if match else None
+
+
 def _group_bytes(tensors: list[tuple[str, int]]) -> dict[str, int]:
     out: dict[str, int] = {}
     for name, size in tensors:
-        group = TABLES if name.startswith(("model.embed_tokens", "lm_head")) else None
-        match = _BLOB.match(name)
-        if match:
-            group = match.group(1)
+        group = _group_of(name)
         if group:
             out[group] = out.get(group, 0) + size
     return out
@@ -146,7 +168,8 @@ def _table_options(precision: Precision, config: QwenConfig) -> dict[str, tuple[
 
 
 class Sizer:
-    """Bytes of every candidate of every group for one model, from the exporter's graph (no weights read)."""
+    """Bytes of every candidate of every group for one model, and the bytes a decode step reads of it, from
+    the exporter's graph (no weights read)."""
 
     def __init__(self, source, precision: Precision, context_length: int):
         config = source.config
@@ -157,70 +180,157 @@ class Sizer:
         table = next(iter(self.tables))
         self.linear_bytes: dict[str, dict[str, int]] = {g: {} for g in self.groups}
         for label in self.specs:
-            sizes = _group_bytes(self._tensors(self.plan(dict.fromkeys(self.groups, label), table)))
+            tensors, _ = self._tensors(self.plan(dict.fromkeys(self.groups, label), table))
+            sizes = _group_bytes(tensors)
             for g in self.groups:
                 self.linear_bytes[g][label] = sizes[g]
         some = dict.fromkeys(self.groups, sensitivity.REFERENCE)
         # the tables' bytes do not depend on the layers: size them on a one-layer graph (one per mix)
         one = dataclasses.replace(config, num_layers=1)
-        self.table_bytes = {
-            t: _group_bytes(_tensors(one, self.plan({}, t), context_length))[TABLES] for t in self.tables
-        }
-        tensors = self._tensors(self.plan(some, table))
+        self.table_bytes, self.table_read = {}, {}
+        for t in self.tables:
+            tensors, gathered = _tensors(one, self.plan({}, t), context_length)
+            tables = [(name, size) for name, size in tensors if _group_of(name) == TABLES]
+            self.table_bytes[t] = sum(size for _, size in tables)
+            self.table_read[t] = _read_bytes(tables, gathered)
+        tensors, gathered = self._tensors(self.plan(some, table))
         self.tokenizer = tokenizer_bytes(source)
-        # bytes no choice changes: norms, rotary caches, biases, the tokenizer files
-        self.fixed = sum(size for _, size in tensors) - sum(_group_bytes(tensors).values()) + self.tokenizer
+        # bytes no choice changes: norms, rotary caches, biases, the tokenizer files; and what a step reads of them
+        fixed = [(name, size) for name, size in tensors if _group_of(name) is None]
+        self.fixed = sum(size for _, size in fixed) + self.tokenizer
+        self.fixed_read = _read_bytes(fixed, gathered)
         # alignment pads before each large tensor: about this much (allocate checks the exact size)
         self.padding = sum(1 for _, size in tensors if size > ALIGN_THRESHOLD) * max(4096, contract.ALIGNMENT)
 
-    def _tensors(self, plan: WeightPlan) -> list[tuple[str, int]]:
+    def _tensors(self, plan: WeightPlan) -> tuple[list[tuple[str, int]], set[str]]:
         return _tensors(self.config, plan, self.context_length)
 
     def plan(self, linears: dict[str, str], table: str) -> WeightPlan:
         """The WeightPlan of a mix: candidate label per linear group, tables label."""
         return _plan(self.tables[table], {g: self.specs[label] for g, label in linears.items()})
 
+    def _smallest_plan(self, table_cost: dict[str, int]) -> WeightPlan:
+        linears = {g: min(b, key=b.get) for g, b in self.linear_bytes.items()}
+        return self.plan(linears, min(table_cost, key=table_cost.get))
+
     def smallest(self) -> int:
         """The smallest artifact (data file and tokenizer): every group at its smallest storage."""
-        linears = {g: min(b, key=b.get) for g, b in self.linear_bytes.items()}
-        return self.size(self.plan(linears, min(self.table_bytes, key=self.table_bytes.get)))
+        return self.size(self._smallest_plan(self.table_bytes))
+
+    def least_read(self) -> int:
+        """The fewest weight bytes a decode step can read: every group at the storage read least."""
+        return self.read(self._smallest_plan(self.table_read))
 
     def size(self, plan: WeightPlan) -> int:
         """Exact bytes of the data file `plan` exports, plus the tokenizer files."""
-        return data_file_bytes(self._tensors(plan)) + self.tokenizer
+        return data_file_bytes(self._tensors(plan)[0]) + self.tokenizer
+
+    def read(self, plan: WeightPlan) -> int:
+        """Exact weight bytes a decode step of `plan`'s graph reads (every initializer but gathered rows)."""
+        return _read_bytes(*self._tensors(plan))
 
 
-def check_budget(sizer: Sizer, budget_bytes: int) -> None:
-    """Raise BudgetError, naming the smallest reachable size, when no mix fits `budget_bytes`."""
+def check_budget(sizer: Sizer, budget_bytes: int, read_budget_bytes: int | None = None) -> None:
+    """Raise BudgetError, naming the smallest reachable size (or read), when no mix fits the budgets."""
     smallest = sizer.smallest()
     if budget_bytes < smallest:
         raise BudgetError(
             f"precision max_size_mb {budget_bytes / 1e6:g} is below the smallest artifact this model reaches "
             f"({smallest / 1e6:.3f} MB, every tensor at its smallest storage); raise max_size_mb"
         )
+    if read_budget_bytes is not None:
+        least = sizer.least_read()
+        if read_budget_bytes < least:
+            raise BudgetError(
+                f"precision max_read_mb {read_budget_bytes / 1e6:g} is below the fewest bytes a decode step of "
+                f"this model reads ({least / 1e6:.3f} MB, every tensor at its smallest storage); raise max_read_mb"
+            )
 
 
-def allocate(sizer: Sizer, kl: dict[str, dict[str, float]], budget_bytes: int) -> Allocation:
-    """The mix of least summed predicted KL whose artifact fits `budget_bytes` (`kl` from sensitivity.measure)."""
-    check_budget(sizer, budget_bytes)
+def allocate(
+    sizer: Sizer, kl: dict[str, dict[str, float]], budget_bytes: int, read_budget_bytes: int | None = None
+) -> Allocation:
+    """The mix of least summed predicted KL whose artifact fits `budget_bytes` and, if given, whose decode
+    step reads at most `read_budget_bytes` (`kl` from sensitivity.measure)."""
+    check_budget(sizer, budget_bytes, read_budget_bytes)
     groups: list[tuple[str, list[Option]]] = [
-        (g, [Option(label, b, kl[g][label]) for label, b in sizer.linear_bytes[g].items()]) for g in sizer.groups
+        (g, [Option(label, b, kl[g][label], b) for label, b in sizer.linear_bytes[g].items()]) for g in sizer.groups
     ]
     tables = []
     for label, b in sizer.table_bytes.items():
         emb, head = label.split("/")
-        tables.append(Option(label, b, kl[sensitivity.EMBEDDING][emb] + kl[sensitivity.LM_HEAD][head]))
+        loss = kl[sensitivity.EMBEDDING][emb] + kl[sensitivity.LM_HEAD][head]
+        tables.append(Option(label, b, loss, sizer.table_read[label]))
     groups.append((TABLES, tables))
     capacity = budget_bytes - sizer.fixed - sizer.padding
     for _ in range(4):  # the padding is estimated: shrink the capacity by any overshoot and choose again
-        chosen = _knapsack([opts for _, opts in groups], capacity)
-        choices = {g: opts[i] for (g, opts), i in zip(groups, chosen)}
+        choices = _choose(
+            groups, capacity, None if read_budget_bytes is None else read_budget_bytes - sizer.fixed_read
+        )
+        if choices is None:
+            break
         plan = sizer.plan({g: choices[g].label for g in sizer.groups}, choices[TABLES].label)
         size = sizer.size(plan)
         if size <= budget_bytes:
-            return Allocation(plan, choices, size, budget_bytes)
+            return Allocation(plan, choices, size, budget_bytes, sizer.read(plan), read_budget_bytes)
         capacity -= size - budget_bytes
-    raise BudgetError(f"no mix found within {budget_bytes / 1e6:g} MB; raise max_size_mb a little")
+    raise BudgetError(
+        f"no mix found within {budget_bytes / 1e6:g} MB"
+        + ("" if read_budget_bytes is None else f" reading at most {read_budget_bytes / 1e6:g} MB per token")
+        + "; raise max_size_mb"
+        + ("" if read_budget_bytes is None else " or max_read_mb")
+    )
+
+
+LAMBDA_STEPS = 40  # bisection steps on the price of a read byte
+
+
+def _choose(groups: list[tuple[str, list[Option]]], capacity: int, read_capacity: int | None) -> dict | None:
+    """Each group's option: least summed loss within `capacity` bytes and (if given) `read_capacity` read
+    bytes; None when the read capacity is not met at any price."""
+
+    def solve(price: float) -> dict[str, Option]:
+        priced = [[dataclasses.replace(o, loss=o.loss + price * o.read) for o in opts] for _, opts in groups]
+        return {g: opts[i] for (g, opts), i in zip(groups, _knapsack(priced, capacity))}
+
+    def read(choices: dict[str, Option]) -> int:
+        return sum(o.read for o in choices.values())
+
+    best = solve(0.0)
+    if read_capacity is None or read(best) <= read_capacity:
+        return best
+    # at this price one more byte read outweighs any loss a plan can save: the plan reading least
+    lo, hi = 0.0, 1.0 + sum(max(o.loss for o in opts) for _, opts in groups)
+    best = solve(hi)
+    if read(best) > read_capacity:
+        return None
+    for _ in range(LAMBDA_STEPS):
+        mid = (lo + hi) / 2
+        choices = solve(mid)
+        if read(choices) <= read_capacity:
+            hi, best = mid, choices
+        else:
+            lo = mid
+    return _fill(groups, best, capacity, read_capacity)
+
+
+def _fill(groups: list[tuple[str, list[Option]]], choices: dict[str, Option], capacity: int, read_capacity: int):
+    """Spend what a priced plan leaves of both budgets (one price cannot reach every mix): repeatedly take
+    the one-group change that lowers the loss most while both budgets hold."""
+    choices = dict(choices)
+    while True:
+        size = sum(o.bytes for o in choices.values())
+        read = sum(o.read for o in choices.values())
+        best = None
+        for g, opts in groups:
+            now = choices[g]
+            for o in opts:
+                fits = size - now.bytes + o.bytes <= capacity and read - now.read + o.read <= read_capacity
+                if fits and o.loss < now.loss and (best is None or now.loss - o.loss > best[0]):
+                    best = (now.loss - o.loss, g, o)
+        if best is None:
+            return choices
+        choices[best[1]] = best[2]
 
 
 def _knapsack(groups: list[list[Option]], capacity: int) -> list[int]:
