@@ -84,12 +84,9 @@ def replies(args) -> dict:
 
     model = _load(args.model, args.threads)
     tokenizer = Tokenizer.from_file(os.path.join(args.model, "tokenizer.json"))
-    reply = None
 
     def reply_of(ids, max_new_tokens, stops, eos):
-        nonlocal reply
-        reply = reply or reference_replier(model, tokenizer, sorted(eos))
-        return reply(ids, max_new_tokens, stops)
+        return reference_replier(model, tokenizer, sorted(eos))(ids, max_new_tokens, stops)
 
     return common.write_replies(args.requests, args.out, reply_of)
 
