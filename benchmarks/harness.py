@@ -138,14 +138,23 @@ def render_table(rows: Mapping[str, Mapping]) -> str:
     return "\n".join(lines)
 
 
-def render_task_rates(result: Mapping) -> str:
+def render_task_rates(result: Mapping, reference: str | None = None) -> str:
     """Markdown table of a task-rate result (edge.check.tasks.run's): one row per suite and overall, one
-    column per side (the systems and the fp32 reference), pass rates in percent."""
+    column per side (the systems and the fp32 reference), pass rates in percent; with `reference`, a last
+    row of the items each side passes that the reference fails (+) and fails that it passes (-)."""
     rows = [*result["suites"].items(), ("overall", result["overall"])]
     sides = [k for k in result["overall"] if k != "items"]
     lines = ["| suite | items | " + " | ".join(sides) + " |", "|---|---:|" + "---:|" * len(sides)]
     for name, row in rows:
         lines.append(f"| {name} | {row['items']} | " + " | ".join(f"{100 * row[s]:.1f}" for s in sides) + " |")
+    if reference in sides:
+        outcomes = [o for items in result["items"].values() for o in items.values()]
+        cells = []
+        for s in sides:
+            gained = sum(o[s]["passed"] and not o[reference]["passed"] for o in outcomes)
+            lost = sum(o[reference]["passed"] and not o[s]["passed"] for o in outcomes)
+            cells.append("" if s == reference else f"+{gained} / -{lost}")
+        lines.append(f"| items vs {reference} | {len(outcomes)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -839,7 +839,7 @@ def write_outputs(result: dict) -> Path:
         if m.get("tasks"):
             form = m["tasks"].get("form", "default")
             md += [f"Task pass rates (%, the shipped suites' {form} form, greedy, the same prompt ids):", ""]
-            md += [harness.render_task_rates(m["tasks"]), ""]
+            md += [harness.render_task_rates(m["tasks"], REFERENCE_SIDE), ""]
         for system, targets in m["targets"].items():
             md += [f"Targets ({system} vs the anchors in this run):", "", harness.render_targets(targets), ""]
         md += _plots(m, prefix)

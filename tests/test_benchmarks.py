@@ -128,6 +128,25 @@ def test_render_table_and_targets():
     assert "decode tok/s >= 1.0x llama.cpp: not measured (needs ours and a llamacpp system in the run)" in text
 
 
+def test_task_rates_table_counts_items_gained_and_lost_against_the_reference():
+    def o(*passed):
+        return dict(zip(("a", "b", "ref"), ({"passed": p} for p in passed)))
+
+    items = {"x": {"1": o(True, False, True), "2": o(True, True, False)}, "y": {"3": o(False, False, True)}}
+    result = {
+        "suites": {
+            "x": {"items": 2, "a": 1.0, "b": 0.5, "ref": 0.5},
+            "y": {"items": 1, "a": 0.0, "b": 0.0, "ref": 1.0},
+        },
+        "overall": {"items": 3, "a": 2 / 3, "b": 1 / 3, "ref": 2 / 3},
+        "items": items,
+    }
+    table = harness.render_task_rates(result, "ref").splitlines()
+    assert table[0] == "| suite | items | a | b | ref |" and table[4] == "| overall | 3 | 66.7 | 33.3 | 66.7 |"
+    assert table[5] == "| items vs ref | 3 | +1 / -1 | +1 / -2 |  |"
+    assert len(harness.render_task_rates(result).splitlines()) == 5
+
+
 def test_synthetic_shapes_match_qwen25_3b():
     shards = synthetic.tensor_shapes()
     tensors = dict(t for items in shards.values() for t in items)
@@ -281,7 +300,8 @@ def test_task_replies_through_the_anchors_grade_as_the_task_check(tiny_model, ti
             graded = result["items"][name][item_id]
             assert graded["ours"] == graded["fp32"] == outcome["ours"]
     assert result["overall"]["items"] == 4 and result["overall"]["ours"] == direct["overall"]["ours"]
-    assert "| overall | 4 |" in harness.render_task_rates(result)
+    table = harness.render_task_rates(result, "fp32")
+    assert "| overall | 4 |" in table and table.endswith("| items vs fp32 | 4 | +0 / -0 |  |")
 
 
 def test_task_rates_refuse_systems_without_replies(capsys):
