@@ -4,10 +4,12 @@ holds the plan."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from edge.check import sensitivity
@@ -91,10 +93,46 @@ def test_a_bigger_budget_never_predicts_more_loss(cache, tiny_model, family, tie
     assert all(b <= a + 1e-12 for a, b in zip(losses, losses[1:])), losses
     assert losses[-1] < losses[0] / 10  # int8 everywhere is far better than the smallest int4 mix
     # the optimum of a small case equals brute force over every mix of two groups
-    first = [allocator.Option("a", 10, 1.0), allocator.Option("b", 30, 0.2)]
-    second = [allocator.Option("c", 5, 0.5), allocator.Option("d", 25, 0.1)]
-    assert allocator._knapsack([first, second], 35) == [1, 0]  # b+c: 0.7 (a+d: 1.1, a+c: 1.5)
-    assert allocator._knapsack([first, second], 34) == [0, 0]  # only a+c fits
+    weights, losses = [[10, 30], [5, 25]], [[1.0, 0.2], [0.5, 0.1]]
+    assert allocator._knapsack(weights, losses, 35) == [1, 0]  # b+c: 0.7 (a+d: 1.1, a+c: 1.5)
+    assert allocator._knapsack(weights, losses, 34) == [0, 0]  # only a+c fits
+
+
+def test_two_budgets_find_the_optimum_where_one_is_slack_and_always_hold():
+    """Against brute force over every mix of small random cases: with the size budget slack the read-budgeted
+    plan is the optimum; with both binding it holds both and is near it."""
+    rng = np.random.default_rng(0)
+    gaps = []
+    for case in range(60):
+        groups = []
+        for g in range(5):
+            size = rng.integers(10, 60, 3)
+            groups.append(
+                (
+                    f"g{g}",
+                    [
+                        allocator.Option(
+                            f"o{i}", int(size[i]), float(rng.random()), int(size[i] * rng.uniform(0.3, 1.0))
+                        )
+                        for i in range(3)
+                    ],
+                )
+            )
+        mixes = list(itertools.product(*(opts for _, opts in groups)))
+        read_cap = int(np.median([sum(o.read for o in m) for m in mixes]))
+        size_cap = 10**6 if case % 2 == 0 else int(np.median([sum(o.bytes for o in m) for m in mixes]))
+        fits = [m for m in mixes if sum(o.bytes for o in m) <= size_cap and sum(o.read for o in m) <= read_cap]
+        choices = allocator._choose(groups, size_cap, read_cap)
+        if not fits:
+            assert choices is None
+            continue
+        optimum = min(sum(o.loss for o in m) for m in fits)
+        got = sum(o.loss for o in choices.values())
+        assert sum(o.bytes for o in choices.values()) <= size_cap and sum(o.read for o in choices.values()) <= read_cap
+        if size_cap == 10**6:
+            assert got == pytest.approx(optimum), case
+        gaps.append(got / optimum - 1)
+    assert np.mean(gaps) < 0.05, gaps
 
 
 def test_a_budget_too_small_fails_before_any_weight_is_read(tiny_model, tmp_path, monkeypatch):

@@ -48,9 +48,12 @@ VERSION = 3  # bump when the measurement changes, so stale caches are not read
 
 
 def candidates(symmetric: bool) -> dict[str, QuantSpec]:
-    """The storages a group may get, by label: int4 in blocks of 32/64/128 (the recipe's symmetry), int8."""
+    """The storages a group may get, by label: int4 in blocks of 32/64/128 (the recipe's symmetry), int8 in
+    blocks of 32 and 128."""
     int4 = {f"int4-b{b}": QuantSpec(4, b, symmetric) for b in (32, 64, 128)}
-    return {**int4, "int8-b32": QuantSpec(8, 32, True)}
+    # int8 block 32 holds a GGUF's Q8_0/Q5_0 grid exactly; block 128 is 8 % fewer bytes for a squared error
+    # under 1 % of int4's (it re-rounds that grid), so more of the model fits int8 under a budget
+    return {**int4, "int8-b32": QuantSpec(8, 32, True), "int8-b128": QuantSpec(8, 128, True)}
 
 
 def int8_rows_spec(storage: QuantSpec) -> QuantSpec:

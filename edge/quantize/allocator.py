@@ -14,9 +14,12 @@ fixed per model (so a bigger budget never predicts more loss); units are rounded
 
 ``precision.max_read_mb`` adds a second budget: the weight bytes a decode step reads (every initializer
 but the rows a gather picks: the embedding table, unless lm_head shares it, is not read per token), which
-bounds decode speed where memory bandwidth does. It is met by Lagrangian relaxation: each option's loss
-is charged ``lambda`` per byte it reads, the smallest ``lambda`` whose plan reads within the budget is
-found by bisection, and what that plan leaves of both budgets is spent by one-group upgrades, best first.
+bounds decode speed where memory bandwidth does. Both budgets are met by Lagrangian relaxation, twice:
+the dynamic program runs exact in one budget while each option's loss is charged a price per byte of the
+other, the smallest price whose plan fits that budget is found by bisection, and what the plan leaves of
+both budgets is spent by one-group upgrades, best first; the better of the two plans is kept. When one
+budget does not bind (the usual case: a read budget below what the size budget would read), the plan
+exact in the binding one is the optimum.
 """
 
 from __future__ import annotations
@@ -282,36 +285,51 @@ def allocate(
     )
 
 
-LAMBDA_STEPS = 40  # bisection steps on the price of a read byte
+LAMBDA_STEPS = 40  # bisection steps on the price of a byte
 
 
 def _choose(groups: list[tuple[str, list[Option]]], capacity: int, read_capacity: int | None) -> dict | None:
     """Each group's option: least summed loss within `capacity` bytes and (if given) `read_capacity` read
-    bytes; None when the read capacity is not met at any price."""
+    bytes; None when no mix meets both."""
+    if read_capacity is None:
+        return _solve(groups, "bytes", capacity, "read", 0.0)
+    limits = {"bytes": capacity, "read": read_capacity}
+    # Two relaxations, each exact in one budget and pricing the other: the one whose budget binds gives the
+    # better plan (exactly the optimum when the priced budget is slack at price 0)
+    plans = [_relaxed(groups, exact, "read" if exact == "bytes" else "bytes", limits) for exact in limits]
+    feasible = [p for p in plans if p is not None]
+    return min(feasible, key=lambda c: sum(o.loss for o in c.values())) if feasible else None
 
-    def solve(price: float) -> dict[str, Option]:
-        priced = [[dataclasses.replace(o, loss=o.loss + price * o.read) for o in opts] for _, opts in groups]
-        return {g: opts[i] for (g, opts), i in zip(groups, _knapsack(priced, capacity))}
 
-    def read(choices: dict[str, Option]) -> int:
-        return sum(o.read for o in choices.values())
+def _total(choices: dict[str, Option], field: str) -> int:
+    return sum(getattr(o, field) for o in choices.values())
 
-    best = solve(0.0)
-    if read_capacity is None or read(best) <= read_capacity:
-        return best
-    # at this price one more byte read outweighs any loss a plan can save: the plan reading least
-    lo, hi = 0.0, 1.0 + sum(max(o.loss for o in opts) for _, opts in groups)
-    best = solve(hi)
-    if read(best) > read_capacity:
-        return None
-    for _ in range(LAMBDA_STEPS):
-        mid = (lo + hi) / 2
-        choices = solve(mid)
-        if read(choices) <= read_capacity:
-            hi, best = mid, choices
-        else:
-            lo = mid
-    return _fill(groups, best, capacity, read_capacity)
+
+def _solve(groups, exact: str, limit: int, priced: str, price: float) -> dict[str, Option]:
+    """Least loss + `price` per unit of `priced` with summed `exact` within `limit` (dynamic programming)."""
+    weights = [[getattr(o, exact) for o in opts] for _, opts in groups]
+    losses = [[o.loss + price * getattr(o, priced) for o in opts] for _, opts in groups]
+    return {g: opts[i] for (g, opts), i in zip(groups, _knapsack(weights, losses, limit))}
+
+
+def _relaxed(groups, exact: str, priced: str, limits: dict[str, int]) -> dict[str, Option] | None:
+    """The plan exact in `exact`'s budget whose `priced` total fits its budget at the smallest price
+    (bisection), with what it leaves of both budgets spent by `_fill`; None when no price fits."""
+    best = _solve(groups, exact, limits[exact], priced, 0.0)
+    if _total(best, priced) > limits[priced]:
+        # at this price one more unit outweighs any loss a plan can save: the plan using least of it
+        lo, hi = 0.0, 1.0 + sum(max(o.loss for o in opts) for _, opts in groups)
+        best = _solve(groups, exact, limits[exact], priced, hi)
+        if _total(best, priced) > limits[priced]:
+            return None
+        for _ in range(LAMBDA_STEPS):
+            mid = (lo + hi) / 2
+            choices = _solve(groups, exact, limits[exact], priced, mid)
+            if _total(choices, priced) <= limits[priced]:
+                hi, best = mid, choices
+            else:
+                lo = mid
+    return _fill(groups, best, limits["bytes"], limits["read"])
 
 
 def _fill(groups: list[tuple[str, list[Option]]], choices: dict[str, Option], capacity: int, read_capacity: int):
@@ -333,31 +351,31 @@ def _fill(groups: list[tuple[str, list[Option]]], choices: dict[str, Option], ca
         choices[best[1]] = best[2]
 
 
-def _knapsack(groups: list[list[Option]], capacity: int) -> list[int]:
-    """Index of the chosen option per group: least summed loss with summed bytes <= capacity."""
-    floor = [min(o.bytes for o in opts) for opts in groups]
-    spread = sum(max(o.bytes for o in opts) - f for opts, f in zip(groups, floor))
+def _knapsack(weights: list[list[int]], losses: list[list[float]], capacity: int) -> list[int]:
+    """Index of the chosen option per group: least summed loss with summed weights <= capacity."""
+    floor = [min(w) for w in weights]
+    spread = sum(max(w) - f for w, f in zip(weights, floor))
     unit = max(1, -(-spread // UNITS))
-    size = min(UNITS + len(groups), max(0, (capacity - sum(floor)) // unit)) + 1
+    size = min(UNITS + len(weights), max(0, (capacity - sum(floor)) // unit)) + 1
     best = np.zeros(size)  # best[c]: least loss of the groups so far within c units
     picks = []
-    for opts, f in zip(groups, floor):
+    for ws, ls, f in zip(weights, losses, floor):
         new = np.full(size, np.inf)
         pick = np.zeros(size, np.int16)
-        for i, o in enumerate(opts):
-            w = -(-(o.bytes - f) // unit)
+        for i, (weight, loss) in enumerate(zip(ws, ls)):
+            w = -(-(weight - f) // unit)
             if w >= size:
                 continue
             candidate = np.full(size, np.inf)
-            candidate[w:] = best[: size - w] + o.loss
+            candidate[w:] = best[: size - w] + loss
             better = candidate < new
             new[better], pick[better] = candidate[better], i
         best = new
         picks.append(pick)
     c = size - 1
     chosen = []
-    for opts, f, pick in zip(reversed(groups), reversed(floor), reversed(picks)):
+    for ws, f, pick in zip(reversed(weights), reversed(floor), reversed(picks)):
         i = int(pick[c])
         chosen.append(i)
-        c -= -(-(opts[i].bytes - f) // unit)
+        c -= -(-(ws[i] - f) // unit)
     return chosen[::-1]
