@@ -128,6 +128,16 @@ def test_render_table_and_targets():
     assert "decode tok/s >= 1.0x llama.cpp: not measured (needs ours and a llamacpp system in the run)" in text
 
 
+def test_anchor_replies_stop_at_the_limit_an_eos_id_or_a_stop_string():
+    common = _load("bench_anchor_common", ROOT / "benchmarks" / "anchors" / "common.py")
+    decode = "".join
+    stream = list("abc```\nde")
+    assert common.greedy_reply(iter(stream), decode, 3, [], set()) == list("abc")
+    assert common.greedy_reply(iter(stream), decode, 20, [], {"c"}) == list("ab")
+    assert common.greedy_reply(iter(stream), decode, 20, ["```\n"], set()) == list("abc```\n")
+    assert common.greedy_reply(iter(stream), decode, 20, [], set()) == stream  # the stream ends first
+
+
 def test_task_rates_table_counts_items_gained_and_lost_against_the_reference():
     def o(*passed):
         return dict(zip(("a", "b", "ref"), ({"passed": p} for p in passed)))

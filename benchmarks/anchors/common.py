@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 METRICS = ("ttft_ms", "prefill_tps", "decode_tps", "peak_rss_mb", "load_ms")
 
@@ -165,6 +165,23 @@ def write_replies(
         "tokens": sum(map(len, out.values())),
         "seconds": round(time.perf_counter() - start, 1),
     }
+
+
+def greedy_reply(
+    tokens: Iterable[int], decode: Callable[[list[int]], str], max_new_tokens: int, stops: list[str], eos: set
+) -> list[int]:
+    """The new token ids a `replies` request gets from a runtime's greedy token stream: at most
+    `max_new_tokens`, ending before an eos id or once the decoded reply holds a stop string."""
+    new: list[int] = []
+    stream = iter(tokens)
+    while len(new) < max_new_tokens:
+        token = next(stream, None)
+        if token is None or token in eos:
+            break
+        new.append(token)
+        if stops and any(s in decode(new) for s in stops):
+            break
+    return new
 
 
 def add_replies_args(p, model_help: str, threads: int | None = None) -> None:

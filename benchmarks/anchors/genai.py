@@ -236,16 +236,13 @@ def replies(args: argparse.Namespace) -> dict:
         params.set_search_options(do_sample=False, max_length=len(ids) + max_new_tokens)
         gen = og.Generator(model, params)
         gen.append_tokens(ids)
-        new = []
-        while not gen.is_done() and len(new) < max_new_tokens:
-            gen.generate_next_token()
-            token = int(gen.get_next_tokens()[0])
-            if token in eos:
-                break
-            new.append(token)
-            if any(s in tok.decode(new) for s in stops):
-                break
-        return new
+
+        def tokens():
+            while not gen.is_done():
+                gen.generate_next_token()
+                yield int(gen.get_next_tokens()[0])
+
+        return common.greedy_reply(tokens(), tok.decode, max_new_tokens, stops, eos)
 
     return common.write_replies(args.requests, args.out, reply_of)
 

@@ -101,16 +101,12 @@ def replies(args) -> dict:
     llm = _load(args.model, longest + 8, args.threads)
 
     def reply_of(ids, max_new_tokens, stops, eos):
-        llm.reset()
-        new = []
-        for token in llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
-            if token in eos:
-                break
-            new.append(token)
-            text = llm.detokenize(new).decode("utf-8", errors="ignore")
-            if len(new) >= max_new_tokens or any(s in text for s in stops):
-                break
-        return new
+        llm.reset()  # every request from an empty context, as the other systems decode it
+        tokens = llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True)
+        return common.greedy_reply(tokens, decode, max_new_tokens, stops, eos)
+
+    def decode(ids):
+        return llm.detokenize(ids).decode("utf-8", errors="ignore")
 
     return common.write_replies(args.requests, args.out, reply_of)
 
