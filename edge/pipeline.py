@@ -217,10 +217,12 @@ def _export_native(
     inputs and one file per adapter when `switchable` adapters are given). Returns the manifest's
     ``source_grid`` account for precision method ``gguf``, else None. An `allocation` (edge.quantize.allocator)
     supplies the plan when the recipe sets a size budget."""
+    from edge.quantize import head_rows
     from edge.sources.gguf import GGUFSource
 
     types = source.tensor_types() if isinstance(source, GGUFSource) else None
     plan = allocation.plan if allocation is not None else weight_plan(recipe.precision, source.config, types)
+    plan = head_rows.with_int8_ids(source, plan)
     options = GraphOptions(
         context_length=recipe.context_length,
         accuracy_level=profile.accuracy_level,

@@ -25,11 +25,11 @@ Precision methods:
   ``mixed``; without it every linear has ``weights`` bits. lm_head is calibrated too unless it
   shares the tied embedding's blobs; the embedding uses ``rtn``.
 
-``lm_head_int8_rows: N`` (an int4 lm_head, native backend) keeps lm_head's first N rows in int8. A
-byte-level BPE vocabulary numbers its tokens in merge order, so the low ids are the frequent tokens
-the next token is usually picked from, so a few thousand int8 rows buy most of what an all-int8
-lm_head does (measured in the README). A tied model whose lm_head would otherwise share the
-embedding's blobs then stores its own lm_head.
+``lm_head_int8_rows: N`` (an int4 lm_head, native backend) keeps N rows of lm_head in int8: the rows
+whose rounding moves the fp32 model's next-token distribution most on the calibration text
+(``edge.quantize.head_rows``), so a few thousand int8 rows buy most of what an all-int8 lm_head does
+(measured in the README). A tied model whose lm_head would otherwise share the embedding's blobs then
+stores its own lm_head.
 
 ``max_size_mb: M`` (native backend, CPU profile, int4 weights with method ``rtn`` or ``gptq``) caps the
 artifact at M MB (10^6 bytes): ``edge.quantize.allocator`` chooses every tensor's storage (int4 in blocks

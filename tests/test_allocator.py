@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from edge.check import sensitivity
+from edge.graph.plan import weight_plan
 from edge.pipeline import build
 from edge.quantize import allocator
 from edge.recipe import Precision, Recipe, RecipeError, load_recipe
@@ -181,6 +182,24 @@ def test_a_read_budget_holds_and_is_what_a_decode_step_of_the_artifact_reads(cac
     counted = _bench_module("bytes_per_token").bytes_per_token(out, 1)
     assert plan["predicted_read_bytes"] == counted["weights"] <= plan["read_budget_bytes"] == int(read_mb * 1e6)
     assert counted["gathered_tables"] > 0
+
+
+@pytest.mark.parametrize("family,tied", [("qwen2", False), ("qwen3", True)])
+def test_lm_head_int8_rows_are_sized_exactly_whichever_rows_are_ranked_first(
+    cache, tiny_model, tmp_path, family, tied
+):
+    path = tiny_model(family, tied)
+    precision = Precision(weights="int4", method="rtn", symmetric=False, lm_head_int8_rows=100)
+    sizer = allocator.Sizer(open_source(str(path)), precision, 256)
+    plan = weight_plan(precision, open_source(str(path)).config)  # the rows are named only at export
+    recipe = Recipe(
+        name="rows", source=str(path), context_length=256, precision=precision, fidelity={"enabled": False}
+    )
+    out = build(recipe, out=tmp_path / "a").out_dir
+    files = json.loads((out / contract.MANIFEST).read_text())["files"]
+    written = files[contract.MODEL_DATA_FILE]["size"] + sum(files[f]["size"] for f in _tokenizer_files(path))
+    assert sizer.size(plan) == written
+    assert sizer.read(plan) == _bench_module("bytes_per_token").bytes_per_token(out, 1)["weights"]
 
 
 def test_a_read_budget_below_the_least_read_fails_before_any_weight_is_read(tiny_model, tmp_path, monkeypatch):

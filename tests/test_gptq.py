@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 
 from edge.config import QwenConfig
 from edge.graph.plan import weight_plan
-from edge.quantize import gptq
+from edge.quantize import gptq, head_rows
 from edge.quantize.blockwise import QuantSpec, quantize, unpack
 from edge.recipe import DEFAULT_INT8_LAYERS, Precision
 from edge.sources import open_source
@@ -167,8 +167,8 @@ def test_lm_head_is_calibrated_unless_it_shares_the_embedding_blobs(
 def _gptq_reference(model_dir, tmp_path, precision: dict):
     """transformers logits with every linear and lm_head replaced by the calibrated blobs (embedding by rtn)."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    _dequantize_like_the_graph(model, Precision(**precision))
     source = open_source(str(model_dir))
+    _dequantize_like_the_graph(model, Precision(**precision), source)
     cfg = QwenConfig.from_hf(model.config.to_dict())
     result = gptq.calibrate(
         source,
@@ -182,7 +182,8 @@ def _gptq_reference(model_dir, tmp_path, precision: dict):
         head = result("lm_head")
         if head is not None:  # the build calibrates lm_head when it has its own blobs
             name = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
-            deq = _lm_head_like_the_graph(source.tensor(name), weight_plan(Precision(**precision), cfg), head)
+            plan = head_rows.with_int8_ids(source, weight_plan(Precision(**precision), cfg))
+            deq = _lm_head_like_the_graph(source.tensor(name), plan, head)
             model.lm_head.weight = torch.nn.Parameter(torch.from_numpy(deq))
         for i in range(cfg.num_layers):
             for suffix, parts in gptq.GROUPS.values():

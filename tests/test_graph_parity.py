@@ -16,8 +16,10 @@ from transformers import AutoModelForCausalLM
 from edge.config import QwenConfig
 from edge.graph.plan import weight_plan
 from edge.pipeline import build
+from edge.quantize import head_rows
 from edge.quantize.blockwise import QuantSpec, quantize
 from edge.recipe import Precision, Recipe
+from edge.sources import open_source
 from qwen_edge.errors import QwenEdgeError
 
 FAMILIES = [("qwen2", False), ("qwen2", True), ("qwen3", True), ("qwen3", False)]
@@ -28,10 +30,11 @@ PREFILL = 9
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
-def _dequantize_like_the_graph(model, precision: Precision) -> None:
-    """Replace every matrix by its dequantized form, quantizing packed groups (qkv, gate/up) together."""
+def _dequantize_like_the_graph(model, precision: Precision, source) -> None:
+    """Replace every matrix of `source`'s `model` by its dequantized form, quantizing packed groups (qkv,
+    gate/up) together."""
     config = QwenConfig.from_hf(model.config.to_dict())
-    plan = weight_plan(precision, config)
+    plan = head_rows.with_int8_ids(source, weight_plan(precision, config))
     params = dict(model.named_parameters())
     original_embedding = params["model.embed_tokens.weight"].detach().numpy().copy()
     groups = [["model.embed_tokens.weight"]] + ([] if config.tie_word_embeddings else [["lm_head.weight"]])
@@ -79,19 +82,19 @@ def _dequantize_like_the_graph(model, precision: Precision) -> None:
 
 
 def _lm_head_like_the_graph(weight: np.ndarray, plan, quantized=None) -> np.ndarray:
-    """lm_head dequantized as the graph stores it: its first `lm_head_int8_rows` rows symmetric int8, the rest
+    """lm_head dequantized as the graph stores it: the rows `lm_head_int8_ids` names symmetric int8, the rest
     from `quantized` (blobs supplied to the build) or quantized with its own spec."""
     deq = (quantized or quantize(weight.copy(), plan.lm_head)).dequantize()
-    head = plan.lm_head_int8_rows
-    if head:
-        deq[:head] = quantize(weight[:head].copy(), QuantSpec(8, plan.lm_head.block_size)).dequantize()
+    ids = list(plan.lm_head_int8_ids)
+    if ids:
+        deq[ids] = quantize(weight[ids].copy(), QuantSpec(8, plan.lm_head.block_size)).dequantize()
     return deq
 
 
 def reference(model_dir, dequantized: Precision | None = None):
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     if dequantized is not None:
-        _dequantize_like_the_graph(model, dequantized)
+        _dequantize_like_the_graph(model, dequantized, open_source(str(model_dir)))
     with torch.no_grad():
         return model(torch.tensor([IDS])).logits[0].numpy()
 
@@ -271,8 +274,12 @@ def test_lm_head_in_int8_and_int4_row_slices_computes_the_dequantized_model(
     heads = {n.name: {a.name: a.i for a in n.attribute} for n in model.graph.node if n.name.startswith("/lm_head.")}
     # 600 rows: 100 int8, then 500 int4 rows in three slices of at most 200
     assert [(h["N"], h["bits"]) for h in heads.values()] == [(100, 8), (166, 4), (167, 4), (167, 4)]
-    concat = next(n for n in model.graph.node if n.name == "/lm_head/Concat")
-    assert list(concat.output) == ["logits"]
+    # the int8 slice holds the ranked rows, not the first 100: a Gather puts each logit back at its token id
+    gather = next(n for n in model.graph.node if n.name == "/lm_head/Gather")
+    assert list(gather.output) == ["logits"]
+    source = open_source(str(tiny_model(family, tied)))
+    ids = head_rows.with_int8_ids(source, weight_plan(Precision(**precision), source.config)).lm_head_int8_ids
+    assert len(ids) == 100 and list(ids) != list(range(100))
     ref = reference(tiny_model(family, tied), dequantized=Precision(**precision))
     sess = session(art)
     np.testing.assert_allclose(prefill_all(sess, IDS), ref, atol=2e-4, rtol=0)

@@ -13,8 +13,9 @@ calibration tokens; every layer is read once and all perturbed hidden states adv
   the text uses), relative to the reference candidate's. KL grows with the square of a small output
   perturbation, so the ratio carries over; measuring every candidate end to end would cost four times as
   many forward passes.
-- lm_head's candidates, including ``lm_head_int8_rows`` (the first R rows int8, the rest the int4
-  candidate, their logits spliced at row R), are all measured end to end: they cost one product each.
+- lm_head's candidates, including ``lm_head_int8_rows`` (the R rows ``edge.quantize.head_rows`` ranks
+  first in int8, the rest the int4 candidate, their logits spliced), are all measured end to end: they
+  cost one product each.
 
 Results are cached on disk (they cost minutes on a 0.5B model), keyed by the source's sha256, the
 candidates, the token count and the text.
@@ -28,13 +29,13 @@ from dataclasses import asdict, replace
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from edge import report
 from edge.graph.plan import GROUPS, WeightPlan
+from edge.quantize import head_rows
 from edge.quantize.blockwise import QuantSpec, quantize
 from edge.quantize.gptq import calibration_ids, calibration_text, embed, layer_forward, layer_weights, rotary
-from edge.sources.base import cache_root, row_blocks
+from edge.sources.base import cache_root
 
 DEFAULT_TOKENS = 512
 # windows this long spread evenly over the calibration text: 512 tokens are eight windows, one in each
@@ -43,8 +44,8 @@ WINDOW = 64
 EMBEDDING = "model.embed_tokens"
 LM_HEAD = "lm_head"
 REFERENCE = "int4-b32"  # the candidate measured end to end for every group
-LM_HEAD_ROWS = (4096, 16384, 32768)  # lm_head_int8_rows candidates (those below the vocabulary size)
-VERSION = 3  # bump when the measurement changes, so stale caches are not read
+LM_HEAD_ROWS = (4096, 16384, 32768, 65536)  # lm_head_int8_rows candidates (those below the vocabulary size)
+VERSION = 4  # bump when the measurement changes, so stale caches are not read
 
 
 def candidates(symmetric: bool) -> dict[str, QuantSpec]:
@@ -138,14 +139,10 @@ def _measure(source, specs: dict[str, QuantSpec], rows: list[int], tokens: int) 
             hook = lambda name, _inp, g=g, q=q: q if name == g else w[name]  # noqa: E731
             hidden[key] = layer_forward(x, w, cfg, cos, sin, hook)
         x = layer_forward(x, w, cfg, cos, sin, observe)
-    norm = torch.from_numpy(np.ascontiguousarray(source.tensor("model.norm.weight"), dtype=np.float32))
-    name = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
-    head = torch.from_numpy(
-        np.concatenate([block for _, block in row_blocks(source.tensor, name, cfg.vocab_size)]).astype(np.float32)
-    )
+    head = head_rows.head_matrix(source)
 
     def normed(h):
-        return F.rms_norm(h, (cfg.hidden_size,), norm, cfg.rms_norm_eps).reshape(-1, cfg.hidden_size)
+        return head_rows.final_norm(source, h)
 
     reference = torch.log_softmax(normed(x) @ head.T, dim=-1)
     p_ref = reference.exp()
@@ -161,13 +158,18 @@ def _measure(source, specs: dict[str, QuantSpec], rows: list[int], tokens: int) 
     hn = normed(x)
     out[LM_HEAD] = {}
     int8 = {}
+    int4 = [label for label, spec in specs.items() if spec.bits == 4]
+    orders = dict(zip(int4, head_rows.ranking(source, [specs[label] for label in int4]))) if rows else {}
     for label, spec in specs.items():
         logits = hn @ _dequantized(head, spec).T
         out[LM_HEAD][label] = kl(logits)
-        if spec.bits == 4:
+        if label in orders:
             row_spec = int8_rows_spec(spec)
             if row_spec not in int8:
                 int8[row_spec] = hn @ _dequantized(head, row_spec).T
             for r in rows:
-                out[LM_HEAD][head_label(label, r)] = kl(torch.cat([int8[row_spec][:, :r], logits[:, r:]], dim=-1))
+                spliced = logits.clone()
+                ids = torch.from_numpy(np.sort(orders[label][:r]).astype(np.int64))
+                spliced[:, ids] = int8[row_spec][:, ids]
+                out[LM_HEAD][head_label(label, r)] = kl(spliced)
     return out

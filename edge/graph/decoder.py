@@ -22,7 +22,7 @@ from edge import report
 from edge.config import QwenConfig
 from edge.graph.plan import WeightPlan
 from edge.quantize.blockwise import BlockQuantized, QuantSpec, quantize
-from edge.sources.base import row_blocks
+from edge.sources.base import READ_ROWS, row_blocks
 from qwen_edge import contract
 from qwen_edge.errors import QwenEdgeError
 
@@ -168,7 +168,7 @@ class DecoderGraph:
         gather: bool = False,
         matmul: bool = True,
         scales_dtype=np.float32,
-        rows: slice | None = None,
+        rows: np.ndarray | None = None,
         calibrated: str | None = None,
     ) -> dict[str, ir.Value | None]:
         """Lazy blobs for the rows of `names`: packed weights and scales, plus zero points in the
@@ -177,7 +177,7 @@ class DecoderGraph:
         MatMulNBits takes float32 scales with float32 activations; GatherBlockQuantized alone may
         take float16 ones (its output then has that type).
 
-        Supplied blobs are looked up by `key`; with `rows` (a slice of the single matrix
+        Supplied blobs are looked up by `key`; with `rows` (ascending row ids of the single matrix
         ``names[0]``) they are those rows of the supplied blobs `calibrated`, or quantized from the
         source when `calibrated` is None."""
         kb = -(-k // spec.block_size)
@@ -191,7 +191,7 @@ class DecoderGraph:
                 q = self.supplied(key)
             else:
                 q = self.supplied(calibrated) if calibrated else None
-                q = q.rows(rows.start, rows.stop) if q is not None else None
+                q = q.take(rows) if q is not None else None
             q = q or self._read_quantized(names, n, spec, rows)
             values = {"packed": q.packed, "scales": q.scales.astype(scales_dtype), "zp": q.zero_points}
             if "gather_zp" in parts:
@@ -217,24 +217,30 @@ class DecoderGraph:
             )
         return out
 
-    def _read_quantized(self, names: list[str], n: int, spec: QuantSpec, rows: slice | None = None) -> BlockQuantized:
-        """quantize() of the `n` rows of `names` (from ``rows.start`` of a single matrix); a single
+    def _read_quantized(
+        self, names: list[str], n: int, spec: QuantSpec, rows: np.ndarray | None = None
+    ) -> BlockQuantized:
+        """quantize() of the `n` rows of `names` (the ascending ids `rows` of a single matrix); a single
         matrix is read and quantized in row blocks; weights of ``plan.source_grid`` come from `grid`."""
+        if rows is not None:
+            (name,) = names
+            if name in self.plan.source_grid:
+                return BlockQuantized.concat(
+                    [self.grid(name, spec, window).take(ids) for window, ids in _row_windows(rows)]
+                )
+            return BlockQuantized.concat(
+                [quantize(self.read(name, rows=window)[ids], spec) for window, ids in _row_windows(rows)]
+            )
         if any(name in self.plan.source_grid for name in names):
             return BlockQuantized.concat(
                 [
-                    self.grid(name, spec, rows)
-                    if name in self.plan.source_grid
-                    else quantize(self.read(name, rows), spec)
+                    self.grid(name, spec) if name in self.plan.source_grid else quantize(self.read(name), spec)
                     for name in names
                 ]
             )
         if len(names) > 1:
             return quantize(self._read_rows(names), spec)
-        start = rows.start if rows is not None else 0
-        return BlockQuantized.concat(
-            [quantize(block, spec) for _, block in row_blocks(self.read, names[0], start + n, start=start)]
-        )
+        return BlockQuantized.concat([quantize(block, spec) for _, block in row_blocks(self.read, names[0], n)])
 
     def _linear(
         self,
@@ -245,7 +251,7 @@ class DecoderGraph:
         k: int,
         storage,
         bias: ir.Value | None = None,
-        rows: slice | None = None,
+        rows: np.ndarray | None = None,
         calibrated: str | None = None,
     ):
         if isinstance(storage, str):
@@ -444,34 +450,47 @@ class DecoderGraph:
         return self._sliced_lm_head(x, name, storage)
 
     def _sliced_lm_head(self, x, name: str, storage: QuantSpec):
-        """lm_head as MatMulNBits row slices whose logits are concatenated.
+        """lm_head as MatMulNBits row slices whose logits are concatenated, then put back in token order.
 
-        The first ``plan.lm_head_int8_rows`` rows are int8: token ids follow the byte-level BPE
-        merge order, so the lowest ids are the most frequent tokens, the candidates among which the
-        top token is picked. The rest has `storage`, in slices of at most LM_HEAD_SLICE_ROWS rows.
+        The ``plan.lm_head_int8_rows`` rows named by ``plan.lm_head_int8_ids`` (those whose rounding moves
+        the next-token distribution most, edge.quantize.head_rows) are one int8 slice; the other rows have
+        `storage`, in id order, in slices of at most LM_HEAD_SLICE_ROWS rows.
         """
         c = self.cfg
-        head = self.plan.lm_head_int8_rows
-        rest = c.vocab_size - head
-        count = -(-rest // LM_HEAD_SLICE_ROWS)
-        bounds = [head + rest * i // count for i in range(count + 1)]
+        ids = np.asarray(self.plan.lm_head_int8_ids, np.int64)
+        if len(ids) != self.plan.lm_head_int8_rows:
+            raise ValueError(
+                f"the plan keeps {self.plan.lm_head_int8_rows} lm_head rows in int8 but names {len(ids)}: "
+                "fill them in with edge.quantize.head_rows.with_int8_ids"
+            )
+        rest = np.setdiff1d(np.arange(c.vocab_size), ids)
+        count = -(-len(rest) // LM_HEAD_SLICE_ROWS)
+        bounds = [len(rest) * i // count for i in range(count + 1)]
         int8 = QuantSpec(8, storage.block_size, symmetric=True)  # near-lossless; no zero points
-        slices = ([(0, head, int8)] if head else []) + [(a, b, storage) for a, b in zip(bounds, bounds[1:])]
+        slices = ([(ids, int8)] if len(ids) else []) + [(rest[a:b], storage) for a, b in zip(bounds, bounds[1:])]
         # calibrated lm_head blobs (GPTQ) hold every row at `storage`: the int8 rows come from the source
         logits = [
             self._linear(
                 x,
                 "lm_head" if len(slices) == 1 else f"lm_head.{i}",
                 [name],
-                b - a,
+                len(rows),
                 c.hidden_size,
                 spec,
-                rows=slice(a, b),
+                rows=rows,
                 calibrated="lm_head" if spec is storage else None,
             )
-            for i, (a, b, spec) in enumerate(slices)
+            for i, (rows, spec) in enumerate(slices)
         ]
-        return logits[0] if len(logits) == 1 else self._op("Concat", logits, {"axis": -1}, name="/lm_head/Concat")
+        if len(logits) == 1:
+            return logits[0]
+        joined = self._op("Concat", logits, {"axis": -1}, name="/lm_head/Concat")
+        if not len(ids):
+            return joined
+        # logit j of the concatenation is token order[j]: gather each token's logit back to its id
+        order = np.concatenate([rows for rows, _ in slices])
+        position = self._const("lm_head.token_positions", np.argsort(order).astype(np.int32))
+        return self._op("Gather", [joined, position], {"axis": -1}, name="/lm_head/Gather")
 
     # ----- the whole model -----------------------------------------------------------------
     def build(self) -> ir.Model:
@@ -565,6 +584,17 @@ def gathered_initializers(graph: ir.Graph) -> set[str]:
         )
 
     return {name for name, value in graph.initializers.items() if rows_only(value)}
+
+
+def _row_windows(ids: np.ndarray):
+    """``(window, positions)`` over ascending row ids: slices of at most READ_ROWS rows, each starting at an
+    id and ending after the last id it holds, and where those ids sit in the window's rows."""
+    start = 0
+    while start < len(ids):
+        first = int(ids[start])
+        stop = start + int(np.searchsorted(ids[start:], first + READ_ROWS))
+        yield slice(first, int(ids[stop - 1]) + 1), ids[start:stop] - first
+        start = stop
 
 
 def export(source, out_dir: Path, plan: WeightPlan, options: GraphOptions, quantized=None) -> None:

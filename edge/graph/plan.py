@@ -37,7 +37,8 @@ class WeightPlan:
     embedding: QuantSpec | str
     lm_head: QuantSpec | str
     overrides: tuple[tuple[str, QuantSpec | str], ...] = ()  # (HF weight name, storage) for mixed precision
-    lm_head_int8_rows: int = 0  # the first rows of a quantized lm_head kept in int8 (see DecoderGraph._lm_head)
+    lm_head_int8_rows: int = 0  # rows of a quantized lm_head kept in int8 (see DecoderGraph._sliced_lm_head)
+    lm_head_int8_ids: tuple[int, ...] = ()  # which rows, ascending (edge.quantize.head_rows.with_int8_ids)
     source_grid: tuple[str, ...] = ()  # HF weight names stored as the source's own integers and scales (GGUF)
 
     def lm_head_shares_embedding(self, tied: bool) -> bool:

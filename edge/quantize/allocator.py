@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -101,6 +101,8 @@ def _tensors(config: QwenConfig, plan: WeightPlan, context_length: int) -> tuple
     def unread(name, rows=None):  # only shapes and dtypes are looked at
         raise AssertionError(f"the size of a plan reads no weights ({name})")
 
+    if plan.lm_head_int8_rows and not plan.lm_head_int8_ids:  # which rows does not change a byte
+        plan = replace(plan, lm_head_int8_ids=tuple(range(plan.lm_head_int8_rows)))
     model = DecoderGraph(config, unread, plan, GraphOptions(context_length)).build()
     tensors = [(name, v.const_value.nbytes) for name, v in model.graph.initializers.items()]
     return tensors, gathered_initializers(model.graph)

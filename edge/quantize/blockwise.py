@@ -92,12 +92,10 @@ class BlockQuantized:
             first.k,
         )
 
-    def rows(self, start: int, stop: int) -> "BlockQuantized":
-        """The blobs of rows [start, stop) (rows are quantized independently)."""
-        zp = None if self.zero_points is None else self.zero_points[start:stop]
-        return BlockQuantized(
-            self.packed[start:stop], self.scales[start:stop], zp, self.bits, self.block_size, stop - start, self.k
-        )
+    def take(self, ids: np.ndarray) -> "BlockQuantized":
+        """The blobs of rows `ids` (rows are quantized independently)."""
+        zp = None if self.zero_points is None else self.zero_points[ids]
+        return BlockQuantized(self.packed[ids], self.scales[ids], zp, self.bits, self.block_size, len(ids), self.k)
 
 
 def unpack(packed: np.ndarray, bits: int) -> np.ndarray:

@@ -70,16 +70,20 @@ def calibration_text() -> str:
     return "\n\n".join(f.read_text(encoding="utf-8") for f in files)
 
 
-def calibration_ids(
-    source, tokens: int = DEFAULT_TOKENS, seq_len: int = SEQ_LEN, text: str | None = None
-) -> torch.Tensor:
-    """int64 [sequences, seq_len] token ids: up to `tokens // seq_len` windows spread evenly over the text."""
+def source_tokenizer(source):
+    """The `tokenizers` Tokenizer the artifact of `source` will ship."""
     from tokenizers import Tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         source.write_tokenizer(Path(tmp))
-        tokenizer = Tokenizer.from_file(str(Path(tmp) / TOKENIZER_FILE))
-    ids = tokenizer.encode(calibration_text() if text is None else text, add_special_tokens=False).ids
+        return Tokenizer.from_file(str(Path(tmp) / TOKENIZER_FILE))
+
+
+def calibration_ids(
+    source, tokens: int = DEFAULT_TOKENS, seq_len: int = SEQ_LEN, text: str | None = None
+) -> torch.Tensor:
+    """int64 [sequences, seq_len] token ids: up to `tokens // seq_len` windows spread evenly over the text."""
+    ids = source_tokenizer(source).encode(calibration_text() if text is None else text, add_special_tokens=False).ids
     if len(ids) < seq_len:
         raise CalibrationError(f"the calibration text has {len(ids)} tokens, fewer than one sequence of {seq_len}")
     count = max(1, min(tokens // seq_len, len(ids) // seq_len))

@@ -1,0 +1,123 @@
+"""Which rows of an int4 lm_head are stored in int8: the rows whose rounding moves the fp32 model's
+next-token distribution most, measured on the calibration text.
+
+For a small logit perturbation d, KL(p || p') is about half the variance of d under p, so row r's share is
+about the sum over calibration positions of p_r * d_r^2: a row matters when its token is likely there and
+its rounding error is large along the hidden states the model actually produces. Token ids order the
+vocabulary by BPE merge, which ranks English and code first and puts most Chinese and French tokens far
+beyond the first rows, so measured rows beat a prefix of ids (benchmarks/README.md has the numbers).
+
+The plain-torch decoder of ``edge.quantize.gptq`` produces the fp32 final hidden states of the calibration
+sequences (the GPTQ default: 4096 tokens); each int4 storage's rows are ranked against its own
+round-to-nearest error. Rankings are cached on disk, keyed by the source's sha256, the storages, the token
+count and the text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, replace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from edge import report
+from edge.graph.plan import WeightPlan
+from edge.quantize.blockwise import QuantSpec, quantize
+from edge.quantize.gptq import (
+    DEFAULT_TOKENS,
+    SEQ_LEN,
+    calibration_ids,
+    calibration_text,
+    embed,
+    layer_forward,
+    layer_weights,
+    rotary,
+)
+from edge.sources.base import cache_root, row_blocks
+
+VERSION = 1  # bump when the ranking changes, so stale caches are not read
+POSITIONS = 512  # calibration positions whose logits are held at once (each costs vocab * 4 bytes per matrix)
+
+
+def head_matrix(source) -> torch.Tensor:
+    """lm_head as fp32 [vocab, hidden] (a tied model's embedding table)."""
+    cfg = source.config
+    name = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+    blocks = [block for _, block in row_blocks(source.tensor, name, cfg.vocab_size)]
+    return torch.from_numpy(np.concatenate(blocks).astype(np.float32))
+
+
+def final_norm(source, x: torch.Tensor) -> torch.Tensor:
+    """The decoder's output `x` [..., hidden] through the final RMSNorm, as [positions, hidden]."""
+    cfg = source.config
+    norm = torch.from_numpy(np.ascontiguousarray(source.tensor("model.norm.weight"), dtype=np.float32))
+    return F.rms_norm(x, (cfg.hidden_size,), norm, cfg.rms_norm_eps).reshape(-1, cfg.hidden_size)
+
+
+def importance(hidden: torch.Tensor, head: torch.Tensor, storage: QuantSpec) -> torch.Tensor:
+    """Per row of `head` [vocab, hidden]: sum over the `hidden` [positions, hidden] states of p_r * d_r^2,
+    p the fp32 next-token probabilities and d the logit error of `storage`."""
+    error = torch.from_numpy(quantize(head.numpy(), storage).dequantize()) - head
+    total = torch.zeros(head.shape[0], dtype=torch.float64)
+    for i in range(0, hidden.shape[0], POSITIONS):
+        h = hidden[i : i + POSITIONS]
+        p = torch.softmax(h @ head.T, dim=-1)
+        total += (p * (h @ error.T).square()).sum(0, dtype=torch.float64)
+    return total
+
+
+def ranking(source, storages: list[QuantSpec], tokens: int = DEFAULT_TOKENS, cache_dir=None) -> list[np.ndarray]:
+    """For each storage, lm_head's row ids from the most to the least important (cached on disk per storage;
+    the storages not cached share one forward pass)."""
+    common = {
+        "version": VERSION,
+        "sha256": source.fingerprint()["sha256"],
+        "tokens": tokens,
+        "seq_len": SEQ_LEN,
+        "text": hashlib.sha256(calibration_text().encode()).hexdigest(),
+    }
+    paths = []
+    for storage in storages:
+        key = json.dumps({**common, "storage": asdict(storage)}, sort_keys=True)
+        paths.append(cache_root(cache_dir) / "head_rows" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.npy")
+    missing = [i for i, path in enumerate(paths) if not path.is_file()]
+    if missing:
+        with torch.no_grad():
+            hidden = final_hidden(source, calibration_ids(source, tokens))
+            head = head_matrix(source)
+            for i in report.current().bar(missing, desc="ranking lm_head rows", unit="storage"):
+                order = np.argsort(-importance(hidden, head, storages[i]).numpy(), kind="stable").astype(np.int32)
+                paths[i].parent.mkdir(parents=True, exist_ok=True)
+                tmp = paths[i].with_name(paths[i].stem + ".tmp.npy")
+                np.save(tmp, order)
+                tmp.replace(paths[i])
+    else:
+        report.current().status(f"lm_head row ranking from cache {paths[0].parent}")
+    return [np.load(path) for path in paths]
+
+
+def int8_ids(source, storage: QuantSpec, count: int, cache_dir=None) -> tuple[int, ...]:
+    """The `count` most important rows of an lm_head stored at `storage`, in ascending id order."""
+    (order,) = ranking(source, [storage], cache_dir=cache_dir)
+    return tuple(int(i) for i in np.sort(order[:count]))
+
+
+def with_int8_ids(source, plan: WeightPlan) -> WeightPlan:
+    """`plan` with the ids of its ``lm_head_int8_rows`` int8 rows named (ranked against its lm_head storage)."""
+    if not plan.lm_head_int8_rows or plan.lm_head_int8_ids:
+        return plan
+    return replace(plan, lm_head_int8_ids=int8_ids(source, plan.lm_head, plan.lm_head_int8_rows))
+
+
+def final_hidden(source, ids: torch.Tensor) -> torch.Tensor:
+    """The fp32 model's normed final hidden states [positions, hidden] on `ids` [sequences, length]."""
+    cfg = source.config
+    cos, sin = rotary(cfg, ids.shape[1])
+    x = embed(source, WeightPlan("fp32", "fp32", "fp32"), ids)
+    bar = report.current().bar(range(cfg.num_layers), desc=f"fp32 hidden states ({ids.numel()} tokens)", unit="layer")
+    for i in bar:
+        x = layer_forward(x, layer_weights(source, cfg, i), cfg, cos, sin)
+    return final_norm(source, x)
