@@ -50,3 +50,14 @@ def test_ranking_is_a_permutation_per_storage_and_read_back_from_the_cache(tiny_
     assert head_rows.int8_ids(source, INT4, 50) == tuple(sorted(orders[0][:50].tolist()))
     with pytest.raises(AssertionError, match="measured again"):  # another token count is another ranking
         head_rows.ranking(source, [INT4], tokens=1024)
+
+
+def test_a_damaged_cached_ranking_is_measured_again(tiny_model, monkeypatch, tmp_path):
+    monkeypatch.setenv("QWEN_EDGE_CACHE", str(tmp_path))
+    source = open_source(str(tiny_model("qwen2", False)))
+    (order,) = head_rows.ranking(source, [INT4])
+    (path,) = (tmp_path / "head_rows").glob("*.npy")
+    path.write_bytes(path.read_bytes()[:100])  # truncated
+    np.testing.assert_array_equal(head_rows.ranking(source, [INT4])[0], order)
+    np.save(path, np.zeros_like(order))  # the right shape, not a ranking
+    np.testing.assert_array_equal(head_rows.ranking(source, [INT4])[0], order)

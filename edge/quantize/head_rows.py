@@ -83,7 +83,8 @@ def ranking(source, storages: list[QuantSpec], tokens: int = DEFAULT_TOKENS, cac
     for storage in storages:
         key = json.dumps({**common, "storage": asdict(storage)}, sort_keys=True)
         paths.append(cache_root(cache_dir) / "head_rows" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.npy")
-    missing = [i for i, path in enumerate(paths) if not path.is_file()]
+    orders = [_cached(path, source.config.vocab_size) for path in paths]
+    missing = [i for i, order in enumerate(orders) if order is None]
     if missing:
         with torch.no_grad():
             hidden = final_hidden(source, calibration_ids(source, tokens))
@@ -94,9 +95,20 @@ def ranking(source, storages: list[QuantSpec], tokens: int = DEFAULT_TOKENS, cac
                 tmp = paths[i].with_name(paths[i].stem + ".tmp.npy")
                 np.save(tmp, order)
                 tmp.replace(paths[i])
+                orders[i] = order
     else:
         report.current().status(f"lm_head row ranking from cache {paths[0].parent}")
-    return [np.load(path) for path in paths]
+    return orders
+
+
+def _cached(path, vocab_size: int) -> np.ndarray | None:
+    """A cached ranking, or None when it is missing or not a ranking of `vocab_size` rows (then measured again)."""
+    try:
+        order = np.load(path)
+    except (OSError, ValueError, EOFError):
+        return None
+    ok = order.shape == (vocab_size,) and order.dtype == np.int32 and (np.sort(order) == np.arange(vocab_size)).all()
+    return order if ok else None
 
 
 def int8_ids(source, storage: QuantSpec, count: int, cache_dir=None) -> tuple[int, ...]:
