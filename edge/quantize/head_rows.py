@@ -39,7 +39,8 @@ from edge.quantize.gptq import (
 from edge.sources.base import cache_root, row_blocks
 
 VERSION = 1  # bump when the ranking changes, so stale caches are not read
-POSITIONS = 512  # calibration positions whose logits are held at once (each costs vocab * 4 bytes per matrix)
+POSITIONS = 256  # calibration positions scored at once (their logits over the vocabulary: 256 * vocab * 4 bytes)
+ROWS = 16384  # lm_head rows quantized and scored at once (a position's logits over them cost ROWS * 4 bytes)
 
 
 def head_matrix(source) -> torch.Tensor:
@@ -47,7 +48,7 @@ def head_matrix(source) -> torch.Tensor:
     cfg = source.config
     name = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
     blocks = [block for _, block in row_blocks(source.tensor, name, cfg.vocab_size)]
-    return torch.from_numpy(np.concatenate(blocks).astype(np.float32))
+    return torch.from_numpy(np.concatenate(blocks, dtype=np.float32))
 
 
 def final_norm(source, x: torch.Tensor) -> torch.Tensor:
@@ -59,13 +60,20 @@ def final_norm(source, x: torch.Tensor) -> torch.Tensor:
 
 def importance(hidden: torch.Tensor, head: torch.Tensor, storage: QuantSpec) -> torch.Tensor:
     """Per row of `head` [vocab, hidden]: sum over the `hidden` [positions, hidden] states of p_r * d_r^2,
-    p the fp32 next-token probabilities and d the logit error of `storage`."""
-    error = torch.from_numpy(quantize(head.numpy(), storage).dequantize()) - head
+    p the fp32 next-token probabilities and d the logit error of `storage`. Rows are quantized and scored a
+    block at a time (rows quantize independently), so only one block's error is in memory."""
+    # each position's softmax normalizer first, so a block of rows needs only its own logits
+    lse = torch.cat(
+        [torch.logsumexp(hidden[i : i + POSITIONS] @ head.T, dim=-1) for i in range(0, len(hidden), POSITIONS)]
+    )
     total = torch.zeros(head.shape[0], dtype=torch.float64)
-    for i in range(0, hidden.shape[0], POSITIONS):
-        h = hidden[i : i + POSITIONS]
-        p = torch.softmax(h @ head.T, dim=-1)
-        total += (p * (h @ error.T).square()).sum(0, dtype=torch.float64)
+    for a in range(0, head.shape[0], ROWS):
+        rows = head[a : a + ROWS]
+        error = torch.from_numpy(quantize(rows.numpy(), storage).dequantize()) - rows
+        for i in range(0, len(hidden), POSITIONS):
+            h = hidden[i : i + POSITIONS]
+            p = torch.exp(h @ rows.T - lse[i : i + POSITIONS, None])
+            total[a : a + ROWS] += (p * (h @ error.T).square()).sum(0, dtype=torch.float64)
     return total
 
 
