@@ -38,20 +38,21 @@ def main() -> None:
             name: head_rows.final_hidden(source, torch.tensor([tokenizer.encode(text).ids]))
             for name, text in texts.items()
         }
+        reference = {name: torch.log_softmax(h @ head.T, -1) for name, h in hidden.items()}
         print(f"lm_head int4 block {args.block_size}; mean KL vs fp32 on {', '.join(texts)}")
-        print(f"no int8 rows: {_row(hidden, head, int4)}")
+        print(f"no int8 rows: {_row(hidden, reference, int4)}")
         for rows in args.rows:
             for label, ids in (("first ids", np.arange(rows)), ("ranked", np.sort(order[:rows]))):
                 mixed = int4.copy()
                 mixed[ids] = int8[ids]
-                print(f"{rows} rows, {label}: {_row(hidden, head, mixed)}")
+                print(f"{rows} rows, {label}: {_row(hidden, reference, mixed)}")
 
 
-def _row(hidden: dict[str, torch.Tensor], head: torch.Tensor, stored: np.ndarray) -> str:
+def _row(hidden: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], stored: np.ndarray) -> str:
     stored = torch.from_numpy(stored)
     kls = {}
     for name, h in hidden.items():
-        ref = torch.log_softmax(h @ head.T, -1)
+        ref = reference[name]
         art = torch.log_softmax(h @ stored.T, -1)
         kls[name] = (ref.exp() * (ref - art)).sum(-1)
     overall = float(torch.cat(list(kls.values())).mean())

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from edge.graph.plan import WeightPlan
 from edge.quantize import head_rows
 from edge.quantize.blockwise import QuantSpec, quantize
 from edge.sources import open_source
@@ -47,7 +48,8 @@ def test_ranking_is_a_permutation_per_storage_and_read_back_from_the_cache(tiny_
     monkeypatch.setattr(head_rows, "final_hidden", no_forward)
     again = head_rows.ranking(source, storages[::-1])
     np.testing.assert_array_equal(again[1], orders[0])
-    assert head_rows.int8_ids(source, INT4, 50) == tuple(sorted(orders[0][:50].tolist()))
+    plan = head_rows.with_int8_ids(source, WeightPlan("fp32", "fp32", INT4, lm_head_int8_rows=50))
+    assert plan.lm_head_int8_ids == tuple(sorted(orders[0][:50].tolist()))
     with pytest.raises(AssertionError, match="measured again"):  # another token count is another ranking
         head_rows.ranking(source, [INT4], tokens=1024)
 

@@ -119,17 +119,13 @@ def _cached(path, vocab_size: int) -> np.ndarray | None:
     return order if ok else None
 
 
-def int8_ids(source, storage: QuantSpec, count: int, cache_dir=None) -> tuple[int, ...]:
-    """The `count` most important rows of an lm_head stored at `storage`, in ascending id order."""
-    (order,) = ranking(source, [storage], cache_dir=cache_dir)
-    return tuple(int(i) for i in np.sort(order[:count]))
-
-
-def with_int8_ids(source, plan: WeightPlan) -> WeightPlan:
-    """`plan` with the ids of its ``lm_head_int8_rows`` int8 rows named (ranked against its lm_head storage)."""
+def with_int8_ids(source, plan: WeightPlan, cache_dir=None) -> WeightPlan:
+    """`plan` with the ids of its ``lm_head_int8_rows`` int8 rows named: the most important rows against its
+    lm_head storage, in ascending id order."""
     if not plan.lm_head_int8_rows or plan.lm_head_int8_ids:
         return plan
-    return replace(plan, lm_head_int8_ids=int8_ids(source, plan.lm_head, plan.lm_head_int8_rows))
+    (order,) = ranking(source, [plan.lm_head], cache_dir=cache_dir)
+    return replace(plan, lm_head_int8_ids=tuple(int(i) for i in np.sort(order[: plan.lm_head_int8_rows])))
 
 
 def final_hidden(source, ids: torch.Tensor) -> torch.Tensor:
