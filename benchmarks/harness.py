@@ -120,6 +120,7 @@ COLUMNS = (  # (header, row key, digits)
     ("ppl (ref)", "ppl", 2),
     ("greedy 32 match", "greedy_match", 2),
     ("task pass %", "task_pass", 1),
+    ("HumanEval %", "humaneval_pass", 1),
 )
 
 
@@ -140,8 +141,11 @@ def render_table(rows: Mapping[str, Mapping]) -> str:
 
 def render_task_rates(result: Mapping, reference: str | None = None) -> str:
     """Markdown table of a task-rate result (edge.check.tasks.run's): one row per suite and overall, one
-    column per side (the systems and the fp32 reference), pass rates in percent; with `reference`, a last
-    row of the items each side passes that the reference fails (+) and fails that it passes (-)."""
+    column per side (the systems and the fp32 reference), pass rates in percent; with `reference`, a row of
+    the items each side passes that the reference fails (+) and fails that it passes (-), and one of its
+    change in points with a 95 % interval (`edge.check.tasks.paired_change`)."""
+    from edge.check.tasks import paired_change
+
     rows = [*result["suites"].items(), ("overall", result["overall"])]
     sides = [k for k in result["overall"] if k != "items"]
     lines = ["| suite | items | " + " | ".join(sides) + " |", "|---|---:|" + "---:|" * len(sides)]
@@ -149,12 +153,14 @@ def render_task_rates(result: Mapping, reference: str | None = None) -> str:
         lines.append(f"| {name} | {row['items']} | " + " | ".join(f"{100 * row[s]:.1f}" for s in sides) + " |")
     if reference in sides:
         outcomes = [o for items in result["items"].values() for o in items.values()]
-        cells = []
-        for s in sides:
-            gained = sum(o[s]["passed"] and not o[reference]["passed"] for o in outcomes)
-            lost = sum(o[reference]["passed"] and not o[s]["passed"] for o in outcomes)
-            cells.append("" if s == reference else f"+{gained} / -{lost}")
-        lines.append(f"| items vs {reference} | {len(outcomes)} | " + " | ".join(cells) + " |")
+        changes = {s: paired_change(result, s, reference) for s in sides if s != reference}
+        counts = [f"+{c.gained} / -{c.lost}" if (c := changes.get(s)) else "" for s in sides]
+        points = [
+            f"{100 * c.change:+.1f} ({100 * c.low:+.1f} to {100 * c.high:+.1f})" if (c := changes.get(s)) else ""
+            for s in sides
+        ]
+        lines.append(f"| items vs {reference} | {len(outcomes)} | " + " | ".join(counts) + " |")
+        lines.append(f"| points vs {reference} (95 % interval) | | " + " | ".join(points) + " |")
     return "\n".join(lines)
 
 

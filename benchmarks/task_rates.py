@@ -3,7 +3,8 @@ from the same prompt ids, greedily, in its own process and runtime (the anchors'
 and every reply is decoded with the model's tokenizer, cut at the first stop string and graded by the
 task check's own code (``edge.check.tasks``), so the systems differ only in the tokens they produce.
 
-The transformers fp32 replies are the reference column; they are cached per model and request set.
+The transformers fp32 replies are the reference column; they are cached per model and request, so a run
+that adds a suite computes only the new items' replies.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from typing import Callable, Mapping
 from edge.check import tasks
 
 
-def requests(tokenizer, eos: list[int], full: bool = False) -> tuple[dict, dict]:
-    """The requests file's content (``{"eos", "items"}``, items named ``suite/id``) and the suites it came from."""
-    suites = tasks.load_suites(full)
+def requests(tokenizer, eos: list[int], suites: Mapping[str, list]) -> dict:
+    """The requests file's content (``{"eos", "items"}``, items named ``suite/id``) for task suites
+    (`edge.check.tasks.load_suites`' form)."""
     items = {}
     for name, suite in suites.items():
         for item in suite:
@@ -29,7 +30,7 @@ def requests(tokenizer, eos: list[int], full: bool = False) -> tuple[dict, dict]
                 "max_new_tokens": tasks.MAX_NEW_TOKENS[kind],
                 "stops": [tasks.CODE_STOP] if kind == "code" else [],
             }
-    return {"eos": eos, "items": items}, suites
+    return {"eos": eos, "items": items}
 
 
 def grade(suites: dict, replies: Mapping[str, Mapping[str, list[int]]], tokenizer) -> dict:
@@ -49,9 +50,24 @@ def grade(suites: dict, replies: Mapping[str, Mapping[str, list[int]]], tokenize
     return tasks.run({s: side(s) for s in replies}, lambda messages: names[json.dumps(messages)], suites)
 
 
-def digest(reqs: dict) -> str:
-    """A short hash of a request set (the reference's cache key)."""
-    return hashlib.sha256(json.dumps(reqs, sort_keys=True).encode()).hexdigest()[:12]
+def _key(eos: list[int], request: Mapping) -> str:
+    """A request's cache key: its prompt ids, limit and stop strings, and the eos ids."""
+    return hashlib.sha256(json.dumps([eos, request], sort_keys=True).encode()).hexdigest()
+
+
+def cached_replies(reqs: dict, cache: Path, replies_of: Callable[[dict], dict]) -> dict:
+    """The replies to ``reqs`` from ``cache`` (a JSON file of request key -> new token ids), with those it
+    lacks asked of ``replies_of`` (a requests dict holding only them -> their replies by name) and added to it."""
+    known = json.loads(cache.read_text(encoding="utf-8")) if cache.exists() else {}
+    keys = {name: _key(reqs["eos"], r) for name, r in reqs["items"].items()}
+    missing = {name: r for name, r in reqs["items"].items() if keys[name] not in known}
+    if missing:
+        got = replies_of({"eos": reqs["eos"], "items": missing})
+        known.update({keys[name]: got[name] for name in missing})
+        tmp = cache.with_name(cache.name + ".partial")
+        tmp.write_text(json.dumps(known), encoding="utf-8")
+        tmp.replace(cache)
+    return {name: known[keys[name]] for name in reqs["items"]}
 
 
 def collect(system: str, reqs_path: Path, out: Path, command: Callable[[Path, Path], list], run_json) -> dict:

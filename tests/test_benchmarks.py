@@ -154,6 +154,7 @@ def test_task_rates_table_counts_items_gained_and_lost_against_the_reference():
     table = harness.render_task_rates(result, "ref").splitlines()
     assert table[0] == "| suite | items | a | b | ref |" and table[4] == "| overall | 3 | 66.7 | 33.3 | 66.7 |"
     assert table[5] == "| items vs ref | 3 | +1 / -1 | +1 / -2 |  |"
+    assert table[6].startswith("| points vs ref (95 % interval) | | +0.0 (") and "| -33.3 (-100.0 to " in table[6]
     assert len(harness.render_task_rates(result).splitlines()) == 5
 
 
@@ -286,7 +287,8 @@ def test_task_replies_through_the_anchors_grade_as_the_task_check(tiny_model, ti
     monkeypatch.setattr(tasks, "load_suites", lambda full=False: {k: v[:1] for k, v in shipped(full).items()})
     model, art = tiny_model("qwen2"), tiny_artifact("qwen2")
     eos = json.loads((model / "config.json").read_text())["eos_token_id"]
-    reqs, suites = task_rates.requests(AutoTokenizer.from_pretrained(model), eos if isinstance(eos, list) else [eos])
+    suites = tasks.load_suites()
+    reqs = task_rates.requests(AutoTokenizer.from_pretrained(model), eos if isinstance(eos, list) else [eos], suites)
     assert len(reqs["items"]) == 4 and {r["max_new_tokens"] for r in reqs["items"].values()} == {12, 6}
     path = tmp_path / "requests.json"
     path.write_text(json.dumps(reqs))
@@ -311,7 +313,46 @@ def test_task_replies_through_the_anchors_grade_as_the_task_check(tiny_model, ti
             assert graded["ours"] == graded["fp32"] == outcome["ours"]
     assert result["overall"]["items"] == 4 and result["overall"]["ours"] == direct["overall"]["ours"]
     table = harness.render_task_rates(result, "fp32")
-    assert "| overall | 4 |" in table and table.endswith("| items vs fp32 | 4 | +0 / -0 |  |")
+    assert "| overall | 4 |" in table and "| items vs fp32 | 4 | +0 / -0 |  |" in table
+    assert table.endswith("| points vs fp32 (95 % interval) | | +0.0 (+0.0 to +0.0) |  |")
+
+
+def test_reference_replies_are_cached_per_request(tmp_path):
+    """A run that adds items asks the reference only for those; a changed limit is a new request."""
+    task_rates = _load("bench_task_rates", ROOT / "benchmarks" / "task_rates.py")
+    asked = []
+
+    def replies_of(reqs):
+        asked.append(sorted(reqs["items"]))
+        return {name: [len(r["ids"])] for name, r in reqs["items"].items()}
+
+    cache = tmp_path / "reference.json"
+    one = {"a/1": {"ids": [1, 2], "max_new_tokens": 8, "stops": []}}
+    two = {**one, "b/1": {"ids": [3], "max_new_tokens": 8, "stops": ["x"]}}
+    assert task_rates.cached_replies({"eos": [0], "items": one}, cache, replies_of) == {"a/1": [2]}
+    assert task_rates.cached_replies({"eos": [0], "items": two}, cache, replies_of) == {"a/1": [2], "b/1": [1]}
+    assert task_rates.cached_replies({"eos": [0], "items": two}, cache, replies_of) == {"a/1": [2], "b/1": [1]}
+    longer = {"a/1": {**one["a/1"], "max_new_tokens": 9}}
+    task_rates.cached_replies({"eos": [0], "items": longer}, cache, replies_of)
+    assert asked == [["a/1"], ["b/1"], ["a/1"]] and not list(tmp_path.glob("*.partial"))
+
+
+def test_humaneval_problems_grade_their_canonical_solutions_as_passed_and_the_stub_as_failed():
+    """All 164 problems through the task check's grader: the canonical solution in a reply passes, a reply
+    that restates only the function gets the prompt's imports and helpers, and a reply with no function
+    leaves the docstring-only stub, which fails."""
+    from edge.check import tasks
+
+    humaneval = _load("bench_humaneval", ROOT / "benchmarks" / "humaneval.py")
+    items = humaneval.suite()
+    assert len(items) == 164 and len({i["id"] for i in items}) == 164
+    for item in items:
+        assert tasks.is_code(item) and item["preamble"] in item["prompt"]
+        assert tasks.grade(item, f"```python\n{item['solution']}```").passed, item["id"]
+    typed = next(i for i in items if i["id"] == "HumanEval/0")  # `from typing import List` in the prompt only
+    body = typed["solution"].split("def has_close_elements", 1)[1]
+    assert tasks.grade(typed, f"Here:\n```python\ndef has_close_elements{body}```\n").passed
+    assert not tasks.grade(typed, "I cannot help with that.").passed
 
 
 def test_task_rates_refuse_systems_without_replies(capsys):

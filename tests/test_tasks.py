@@ -109,12 +109,49 @@ def test_answers_are_checked_against_numbers_and_accepted_variants(item, reply, 
     assert tasks.check_answer(item, reply) is passed
 
 
+def test_a_preamble_runs_before_the_replys_code():
+    item = {"entry_point": "f", "tests": "assert f() == [1]", "preamble": "from typing import List\n"}
+    assert tasks.grade(item, "```python\ndef f() -> List[int]:\n    return [1]\n```").passed
+    assert not tasks.grade({**item, "preamble": ""}, "```python\ndef f() -> List[int]:\n    return [1]\n```").passed
+
+
+def _outcomes(pairs):
+    """A `run` result of (artifact passed, reference passed) pairs, one item each."""
+    items = {str(i): {"artifact": {"passed": a}, "reference": {"passed": r}} for i, (a, r) in enumerate(pairs)}
+    return {"items": {"s": items}}
+
+
+def test_the_paired_change_counts_items_and_its_interval_narrows_with_more_items():
+    few = tasks.paired_change(_outcomes([(True, True)] * 8 + [(False, True)] * 2), "artifact", "reference")
+    assert (few.change, few.gained, few.lost) == (-0.2, 0, 2) and few.low < few.change <= few.high <= 0
+    mixed = [(True, False)] * 5 + [(False, True)] * 8 + [(True, True)] * 60 + [(False, False)] * 69
+    small = tasks.paired_change(_outcomes(mixed), "artifact", "reference")
+    large = tasks.paired_change(_outcomes(mixed * 4), "artifact", "reference")
+    assert (
+        small.change == large.change
+        and (small.gained, small.lost) == (5, 8)
+        and (large.gained, large.lost) == (20, 32)
+    )
+    assert small.low < small.change < small.high and small.low < 0 < small.high  # 3 items of 142: not resolved
+    assert large.high - large.low < 0.6 * (small.high - small.low)
+    assert str(small).startswith("-2.1 points (95 % interval -") and str(small).endswith("+5 / -8 items")
+    same = tasks.paired_change(_outcomes([(True, True), (False, False)]), "artifact", "reference")
+    assert (same.change, same.low, same.high) == (0.0, 0.0, 0.0)
+    with pytest.raises(tasks.TaskCheckError, match="no task items"):
+        tasks.paired_change({"items": {}}, "artifact", "reference")
+
+
 def test_the_drop_a_profile_allows_fails_the_check_beyond_it():
     result = {"overall": {"items": 20, "artifact": 0.5, "reference": 0.6}}
     tasks.check_drop(result, 0.1)
     tasks.check_drop(result, None)
-    with pytest.raises(tasks.TaskCheckError, match="0.100 below the fp32 reference's 0.600"):
+    with pytest.raises(tasks.TaskCheckError, match="0.100 below the fp32 reference's 0.600; the profile allows 0.05"):
         tasks.check_drop(result, 0.05)
+    result = {"overall": {"items": 2, "artifact": 0.5, "reference": 1.0}, **_outcomes([(True, True), (False, True)])}
+    with pytest.raises(
+        tasks.TaskCheckError, match=r"1.000 \(-50.0 points \(95 % interval -100.0 to \+0.0\), \+0 / -1 items\)"
+    ):
+        tasks.check_drop(result, 0.1)
 
 
 @pytest.fixture
@@ -160,8 +197,9 @@ def test_eval_tasks_reports_the_rates_per_suite(tiny_artifact, short_replies, fi
         name: [items[0]["id"]] for name, items in tasks.load_suites(full=True).items()
     }
     lines = tasks.format_rates(result)
-    assert [line.split()[0] for line in lines] == ["chinese", "english", "french", "python", "overall"]
-    assert "artifact" in lines[-1] and "reference" in lines[-1] and "  4 items" in lines[-1]
+    assert [line.split()[0] for line in lines] == ["chinese", "english", "french", "python", "overall", "artifact"]
+    assert "artifact" in lines[-2] and "reference" in lines[-2] and "  4 items" in lines[-2]
+    assert lines[-1] == "artifact - reference: +0.0 points (95 % interval +0.0 to +0.0), +0 / -0 items"
 
 
 def test_a_profile_with_task_check_makes_the_build_run_it(tiny_model, tmp_path, short_replies, first_items):

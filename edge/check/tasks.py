@@ -6,7 +6,12 @@ extraction, translation with accepted variants). Items marked ``"full": true`` r
 form. Both sides decode greedily from the same prompt token ids (the artifact's chat template,
 thinking off): the artifact through the runtime's loop (`ChatSession` over `Generator`), the reference
 with transformers' ``generate``. Code runs in a separate Python process, in a temporary directory,
-with a time limit; never in the calling process.
+with a time limit; never in the calling process. A coding item may carry a ``preamble`` (imports and
+helpers its prompt shows) that runs before the reply's code.
+
+A pass rate over a hundred-odd items moves by whole items: near-tied greedy choices decide single items
+either way, so every comparison with the reference also gives the items gained and lost and a 95 %
+interval of the paired difference (`paired_change`).
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
+
 from edge import DATA_DIR, report
 from qwen_edge.errors import QwenEdgeError
 
@@ -30,6 +37,7 @@ CODE_SUFFIX = "Reply with only the code, in one ```python block."
 CODE_STOP = "\n```\n"  # the end of the first fenced block: what follows is commentary both sides would pay for
 MAX_NEW_TOKENS = {"code": 384, "answer": 128}
 TIME_LIMIT_S = 10.0
+RESAMPLES = 10_000  # bootstrap resamples of the items for the interval of a paired difference
 _MEMORY_LIMIT = 1 << 30  # bytes of address space for a solution's process (POSIX)
 # rendered prompt (a qwen_edge ChatPrompt: .ids), max new tokens, stop strings -> reply text (without the stop string)
 GenerateFn = Callable[[Any, int, Sequence[str]], str]
@@ -169,7 +177,8 @@ def messages(item: Mapping[str, Any]) -> list[dict]:
 def grade(item: Mapping[str, Any], reply: str) -> Outcome:
     """Whether a reply passes an item: a coding item's extracted code passes its tests, a text item's answer checks."""
     if is_code(item):
-        return run_python(extract_code(reply, item["entry_point"]), item["tests"])
+        code = extract_code(reply, item["entry_point"])
+        return run_python(f"{item['preamble']}\n{code}" if item.get("preamble") else code, item["tests"])
     passed = check_answer(item, reply)
     return Outcome(passed, "" if passed else "wrong answer")
 
@@ -282,10 +291,11 @@ def check_drop(result: Mapping[str, Any], max_drop: float | None) -> None:
     overall = result["overall"]
     drop = overall["reference"] - overall["artifact"]
     if drop > max_drop + 1e-9:
+        change = f" ({paired_change(result, 'artifact', 'reference')})" if result.get("items") else ""
         raise TaskCheckError(
             f"task pass rate {overall['artifact']:.3f} is {drop:.3f} below the fp32 reference's "
-            f"{overall['reference']:.3f} (the profile allows {max_drop}); use int8 weights, method 'mixed' or "
-            "'hqq', or a smaller block_size in the recipe"
+            f"{overall['reference']:.3f}{change}; the profile allows {max_drop}; use int8 weights, method "
+            "'mixed' or 'hqq', or a smaller block_size in the recipe"
         )
 
 
@@ -316,10 +326,42 @@ def check(chat, reference_model, full: bool = False, max_drop: float | None = No
     return result
 
 
+@dataclass(frozen=True)
+class Change:
+    """A side's pass rate minus the reference's over the same items (a fraction), the items it gained
+    (passes, the reference fails) and lost, and a 95 % interval of the difference."""
+
+    change: float
+    gained: int
+    lost: int
+    low: float
+    high: float
+
+    def __str__(self) -> str:
+        return (
+            f"{100 * self.change:+.1f} points (95 % interval {100 * self.low:+.1f} to {100 * self.high:+.1f}), "
+            f"+{self.gained} / -{self.lost} items"
+        )
+
+
+def paired_change(result: Mapping[str, Any], side: str, reference: str) -> Change:
+    """`side`'s pass rate minus `reference`'s in a `run` result, with a 95 % percentile interval from
+    resampling the items with replacement (both sides' outcomes of an item stay together; fixed seed)."""
+    outcomes = [o for items in result["items"].values() for o in items.values()]
+    if not outcomes:
+        raise TaskCheckError("no task items to compare")
+    diff = np.array([int(o[side]["passed"]) - int(o[reference]["passed"]) for o in outcomes], dtype=np.int8)
+    picks = np.random.default_rng(0).integers(0, len(diff), size=(RESAMPLES, len(diff)))
+    low, high = np.percentile(diff[picks].mean(axis=1), [2.5, 97.5])
+    return Change(float(diff.mean()), int((diff > 0).sum()), int((diff < 0).sum()), float(low), float(high))
+
+
 def format_rates(result: Mapping[str, Any]) -> list[str]:
-    """One line per suite and one overall: items, the artifact's and the reference's pass rates."""
+    """One line per suite and one overall: items, the artifact's and the reference's pass rates; then the
+    artifact's change against the reference (`paired_change`)."""
     rows = [*result["suites"].items(), ("overall", result["overall"])]
-    return [
+    lines = [
         f"{name:<10} {row['items']:>3} items  artifact {row['artifact']:.1%}  reference {row['reference']:.1%}"
         for name, row in rows
     ]
+    return [*lines, f"artifact - reference: {paired_change(result, 'artifact', 'reference')}"]
