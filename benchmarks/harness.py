@@ -139,11 +139,29 @@ def render_table(rows: Mapping[str, Mapping]) -> str:
     return "\n".join(lines)
 
 
+def divergence(replies: Mapping[str, Sequence[int]], reference: Mapping[str, Sequence[int]]) -> dict:
+    """How closely a system's greedy replies (new token ids by item) follow the reference's: the items whose
+    reply is the reference's token for token, and how often a reply leaves the reference's path per 1,000
+    tokens it decided while on it (the maximum-likelihood estimate of a constant per-token rate: replies
+    that left, over the decisions made on the path, the one that left it included). A pass rate moves only
+    where a reply leaves the path; this rate counts every such event, not just the ones that flip a grade."""
+    same = left = decided = 0
+    for name, ref in reference.items():
+        mine = list(replies[name])
+        if mine == list(ref):
+            same, decided = same + 1, decided + len(ref)
+            continue
+        first = next((i for i, (a, b) in enumerate(zip(mine, ref)) if a != b), min(len(mine), len(ref)))
+        left, decided = left + 1, decided + first + 1
+    return {"items": len(reference), "identical": same, "per_1k_tokens": 1000 * left / decided if decided else 0.0}
+
+
 def render_task_rates(result: Mapping, reference: str | None = None) -> str:
     """Markdown table of a task-rate result (edge.check.tasks.run's): one row per suite and overall, one
     column per side (the systems and the fp32 reference), pass rates in percent; with `reference`, a row of
     the items each side passes that the reference fails (+) and fails that it passes (-), and one of its
-    change in points with a 95 % interval (`edge.check.tasks.paired_change`)."""
+    change in points with a 95 % interval (`edge.check.tasks.paired_change`); with a ``divergence`` entry
+    ({side: `divergence`}), rows of identical replies and of departures from the reference's path."""
     from edge.check.tasks import paired_change
 
     rows = [*result["suites"].items(), ("overall", result["overall"])]
@@ -161,6 +179,13 @@ def render_task_rates(result: Mapping, reference: str | None = None) -> str:
         ]
         lines.append(f"| items vs {reference} | {len(outcomes)} | " + " | ".join(counts) + " |")
         lines.append(f"| points vs {reference} (95 % interval) | | " + " | ".join(points) + " |")
+    paths = result.get("divergence") or {}
+    if paths:
+        n = next(iter(paths.values()))["items"]
+        same = [str(paths[s]["identical"]) if s in paths else "" for s in sides]
+        rate = [f"{paths[s]['per_1k_tokens']:.2f}" if s in paths else "" for s in sides]
+        lines.append(f"| replies identical to {reference}'s | {n} | " + " | ".join(same) + " |")
+        lines.append(f"| leaves {reference}'s path, per 1k tokens | | " + " | ".join(rate) + " |")
     return "\n".join(lines)
 
 

@@ -689,6 +689,8 @@ def run_task_rates(
         replies[s] = task_rates.collect(s, reqs_path, out, command(kind, artifacts[s]["path"], threads), run)
         out.unlink()
     result = task_rates.grade(suites, replies, Tokenizer.from_file(str(hf_dir / "tokenizer.json")))
+    reference = replies[REFERENCE_SIDE]
+    result["divergence"] = {s: harness.divergence(replies[s], reference) for s in replies if s != REFERENCE_SIDE}
     for name, row in [*result["suites"].items(), ("overall", result["overall"])]:
         log(f"{model} tasks {name}: " + ", ".join(f"{s} {row[s]:.1%}" for s in replies))
     return result

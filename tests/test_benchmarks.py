@@ -158,6 +158,25 @@ def test_task_rates_table_counts_items_gained_and_lost_against_the_reference():
     assert len(harness.render_task_rates(result).splitlines()) == 5
 
 
+def test_divergence_counts_identical_replies_and_departures_per_token_decided():
+    reference = {"a": [1, 2, 3, 4], "b": [5, 6], "c": [7, 8, 9], "d": [1]}
+    replies = {"a": [1, 2, 3, 4], "b": [5, 0, 0], "c": [7, 8], "d": [1, 2, 3]}
+    # a: 4 decisions on the path; b: leaves at its 2nd token; c: stops before the 3rd; d: goes on past the end
+    assert harness.divergence(replies, reference) == {"items": 4, "identical": 1, "per_1k_tokens": 1000 * 3 / 11}
+    assert harness.divergence(reference, reference)["per_1k_tokens"] == 0.0
+    result = {
+        "suites": {"x": {"items": 1, "s": 1.0, "ref": 1.0}},
+        "overall": {"items": 1, "s": 1.0, "ref": 1.0},
+        "items": {"x": {"1": {"s": {"passed": True}, "ref": {"passed": True}}}},
+        "divergence": {"s": harness.divergence(replies, reference)},
+    }
+    table = harness.render_task_rates(result, "ref").splitlines()
+    assert table[-2:] == [
+        "| replies identical to ref's | 4 | 1 |  |",
+        "| leaves ref's path, per 1k tokens | | 272.73 |  |",
+    ]
+
+
 def test_synthetic_shapes_match_qwen25_3b():
     shards = synthetic.tensor_shapes()
     tensors = dict(t for items in shards.values() for t in items)

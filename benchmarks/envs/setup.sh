@@ -19,9 +19,12 @@ if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" && -x "$venv/bin/python" ]]; t
 fi
 [[ -x "$venv/bin/python" ]] || python3 -m venv "$venv"
 # llama.cpp's native build (-march=native) segfaults in ggml's AMX matmul on Intel CPUs with AMX:
-# build for AVX2/AVX-512 (VNNI, BF16) explicitly with every AMX kernel off.
+# name the SIMD extensions this CPU has (AVX-512 and its VNNI/BF16 only where present: an AMD EPYC
+# without them dies of an illegal instruction otherwise) and turn every AMX kernel off.
 if [[ "$name" == llamacpp && -z "${CMAKE_ARGS:-}" ]]; then
-  export CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
+  cpu_flags=" $(grep -m1 '^flags' /proc/cpuinfo | cut -d: -f2) "
+  has() { [[ "$cpu_flags" == *" $1 "* ]] && echo ON || echo OFF; }
+  export CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=$(has avx) -DGGML_AVX2=$(has avx2) -DGGML_FMA=$(has fma) -DGGML_F16C=$(has f16c) -DGGML_AVX512=$(has avx512f) -DGGML_AVX512_VNNI=$(has avx512_vnni) -DGGML_AVX512_BF16=$(has avx512_bf16) -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
 fi
 CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" \
   "$venv/bin/python" -m pip install --require-hashes -r "$req"
