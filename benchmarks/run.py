@@ -26,6 +26,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -406,16 +407,37 @@ def _meta_mb(d: Path) -> float:
 # -- measuring ------------------------------------------------------------------------------------
 
 
-def _run_json(cmd: list, what: str, nice: int = 0, timeout: float = 3600) -> dict:
+def _run_json(cmd: list, what: str, nice: int = 0, timeout: float = 3600, progress: bool = False) -> dict:
+    """Run a measurement process; its last stdout line is its JSON result. With `progress`, its stderr
+    (the anchors' progress lines) is shown as it comes; its last line is the error on a failure either way."""
     full = ["nice", "-n", str(nice), *map(str, cmd)] if nice else [str(c) for c in cmd]
+    proc = subprocess.Popen(full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    last = ["no output"]
+
+    def pump() -> None:
+        for line in proc.stderr:
+            if line.strip():
+                last[0] = line.strip()
+            if progress:
+                sys.stderr.write(f"  {what}: {line}")
+                sys.stderr.flush()
+
+    expired = []
+    reader = threading.Thread(target=pump, daemon=True)
+    timer = threading.Timer(timeout, lambda: (expired.append(True), proc.kill()))
+    reader.start()
+    timer.start()
     try:
-        done = subprocess.run(full, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise BenchError(f"{what} took longer than {timeout:.0f} s: {' '.join(full)}") from None
-    if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise BenchError(f"{what} exited with {done.returncode}: {last}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+        out = proc.stdout.read()  # stderr is the reader's: communicate() would read it too
+        proc.wait()
+    finally:
+        timer.cancel()
+        reader.join()
+    if expired:
+        raise BenchError(f"{what} took longer than {timeout:.0f} s: {' '.join(full)}")
+    if proc.returncode != 0:
+        raise BenchError(f"{what} exited with {proc.returncode}: {last[0]}")
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def measure_cmd(system: str, artifact: dict, prompts_file: Path, prompt_tokens: int, new_tokens: int) -> list:
@@ -664,7 +686,7 @@ def run_task_rates(
         return cmd
 
     def run(cmd, what):
-        return _run_json(cmd, what, nice, timeout=4 * 3600)
+        return _run_json(cmd, what, nice, timeout=4 * 3600, progress=True)
 
     def reference_replies(missing: dict) -> dict:
         log(f"{model}: task replies of the fp32 reference ({len(missing['items'])} not cached)")

@@ -336,6 +336,21 @@ def test_task_replies_through_the_anchors_grade_as_the_task_check(tiny_model, ti
     assert table.endswith("| points vs fp32 (95 % interval) | | +0.0 (+0.0 to +0.0) |  |")
 
 
+def test_measurement_processes_show_their_progress_and_fail_with_their_last_line(capsys):
+    import sys
+
+    run = _load("bench_run", ROOT / "benchmarks" / "run.py")
+    talk = "import sys, json\nfor i in range(3): print(f'replies {i}/3', file=sys.stderr)\nprint(json.dumps({'n': 3}))"
+    assert run._run_json([sys.executable, "-c", talk], "talker", progress=True) == {"n": 3}
+    assert capsys.readouterr().err.splitlines() == [f"  talker: replies {i}/3" for i in range(3)]
+    assert run._run_json([sys.executable, "-c", talk], "quiet") == {"n": 3} and not capsys.readouterr().err
+    with pytest.raises(run.BenchError, match="broken exited with 3: bad input, fix it"):
+        fail = "import sys; print('x', file=sys.stderr); print('bad input, fix it', file=sys.stderr); sys.exit(3)"
+        run._run_json([sys.executable, "-c", fail], "broken")
+    with pytest.raises(run.BenchError, match="sleeper took longer than 0 s"):
+        run._run_json([sys.executable, "-c", "import time; time.sleep(30)"], "sleeper", timeout=0.5)
+
+
 def test_reference_replies_are_cached_per_request(tmp_path):
     """A run that adds items asks the reference only for those; a changed limit is a new request."""
     task_rates = _load("bench_task_rates", ROOT / "benchmarks" / "task_rates.py")
