@@ -370,7 +370,8 @@ def _check_fidelity(
         report.current().status("task check against the fp32 reference")
         options = profile.task_check
         checked = tasks.check(tasks.session(artifact), reference, options.full, options.max_drop)
-        result["tasks"] = {k: checked[k] for k in ("form", "suites", "overall")}  # replies stay out of the manifest
+        # replies stay out of the manifest
+        result["tasks"] = {k: checked[k] for k in ("form", "suites", "overall", "change")}
     if switchable:
         generator = Generator(artifact)
         reference = peft_reference(reference, switchable)

@@ -202,7 +202,7 @@ def test_eval_tasks_reports_the_rates_per_suite(tiny_artifact, short_replies, fi
     assert lines[-1] == "artifact - reference: +0.0 points (95 % interval +0.0 to +0.0), +0 / -0 items"
 
 
-def test_a_profile_with_task_check_makes_the_build_run_it(tiny_model, tmp_path, short_replies, first_items):
+def test_a_profile_with_task_check_makes_the_build_run_it(tiny_model, tmp_path, short_replies, first_items, capsys):
     from edge.pipeline import build
     from edge.recipe import Recipe
 
@@ -219,6 +219,10 @@ def test_a_profile_with_task_check_makes_the_build_run_it(tiny_model, tmp_path, 
     assert manifest["profile"]["task_check"] == {"max_drop": 0.0, "full": False}
     assert checked["form"] == "default" and checked["overall"]["items"] == 4
     assert checked["overall"]["artifact"] == checked["overall"]["reference"]
+    assert checked["change"] == {"change": 0.0, "gained": 0, "lost": 0, "low": 0.0, "high": 0.0}
+    assert cli.main(["inspect", str(tmp_path / "art")]) == 0
+    shown = capsys.readouterr().out
+    assert "  tasks: " in shown and "on 4 items (+0.0 points, 95 % interval +0.0 to +0.0; +0 / -0 items)" in shown
 
 
 def test_eval_full_without_tasks_is_refused(tiny_artifact, capsys):

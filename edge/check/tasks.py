@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -318,6 +318,7 @@ def check(chat, reference_model, full: bool = False, max_drop: float | None = No
     }
     result = run(sides, lambda m: chat.prompt(m, enable_thinking=False), load_suites(full))
     result["form"] = "full" if full else "default"
+    result["change"] = asdict(paired_change(result, "artifact", "reference"))
     try:
         check_drop(result, max_drop)
     except TaskCheckError as e:

@@ -234,7 +234,7 @@ def cmd_inspect(args) -> int:
 
 
 def _fidelity(fidelity: dict | None) -> str:
-    """One line per measure set: overall, then each language, then the greedy match."""
+    """One line per measure set: overall, then each language, then the greedy match and the task check."""
     if not fidelity:
         return "not checked"
 
@@ -251,6 +251,16 @@ def _fidelity(fidelity: dict | None) -> str:
             f"  greedy: {fidelity['greedy']['match_rate']:.2f} of the first 32 tokens match on "
             f"{len(fidelity['greedy']['prompts'])} chat prompts"
         )
+    tasks = fidelity.get("tasks")
+    if tasks:
+        overall, change = tasks["overall"], tasks.get("change")
+        row = f"  tasks: {overall['artifact']:.1%} vs fp32 {overall['reference']:.1%} on {overall['items']} items"
+        if change:
+            row += (
+                f" ({100 * change['change']:+.1f} points, 95 % interval {100 * change['low']:+.1f} to "
+                f"{100 * change['high']:+.1f}; +{change['gained']} / -{change['lost']} items)"
+            )
+        rows.append(row)
     return "\n           ".join(rows)
 
 
