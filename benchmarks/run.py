@@ -653,69 +653,91 @@ def run_model(
 def run_task_rates(
     model: str, systems: list[str], artifacts: dict, paths: dict, work: Path, nice: int, suites: dict
 ) -> dict:
-    """Every system's greedy replies to task suites (`edge.check.tasks.load_suites`' form; its anchor's
-    `replies`, a fresh process each), graded together with the transformers fp32 reference's (cached per
-    model and request)."""
+    """Every system's greedy replies to task suites (`edge.check.tasks.load_suites`' form; `system_replies`),
+    graded together with the transformers fp32 reference's (cached per model and request)."""
     import task_rates
     from tokenizers import Tokenizer
-    from transformers import AutoTokenizer
 
     hf_dir = Path(paths["hf_dir"])
-    eos = json.loads((hf_dir / "config.json").read_text())["eos_token_id"]
-    eos = eos if isinstance(eos, list) else [eos]
-    reqs = task_rates.requests(AutoTokenizer.from_pretrained(hf_dir), eos, suites)
-    reqs_path = work / f"task-requests-{model}.json"
-    reqs_path.write_text(json.dumps(reqs))
-
-    def command(kind: str, path, threads: int | None):
-        def cmd(req: Path, out: Path) -> list:
-            extra = ["--threads", threads] if threads else []
-            return [
-                _python(kind),
-                ANCHORS / SCRIPT_OF[kind],
-                "replies",
-                "--model",
-                path,
-                "--requests",
-                req,
-                "--out",
-                out,
-                *extra,
-            ]
-
-        return cmd
-
-    def run(cmd, what):
-        return _run_json(cmd, what, nice, timeout=4 * 3600, progress=True)
-
-    def reference_replies(missing: dict) -> dict:
-        log(f"{model}: task replies of the fp32 reference ({len(missing['items'])} not cached)")
-        path = work / f"task-requests-reference-{model}.json"
-        path.write_text(json.dumps(missing))
-        out = work / f"task-replies-reference-{model}.json"
-        got = task_rates.collect(REFERENCE_SIDE, path, out, command("transformers", hf_dir, 2), run)
-        out.unlink()
-        return got
-
-    replies = {
-        REFERENCE_SIDE: task_rates.cached_replies(reqs, work / f"reference-replies-{model}.json", reference_replies)
-    }
+    reqs = task_requests(hf_dir, suites)
+    cache = work / f"reference-replies-{model}.json"
+    replies = {REFERENCE_SIDE: _replies(REFERENCE_SIDE, "transformers", hf_dir, 2, reqs, cache, model, work, nice)}
     for s in systems:
         if SYSTEMS[s]["kind"] == "transformers":
             replies[s] = replies[REFERENCE_SIDE]
-            continue
-        log(f"{model}: task replies of {s}")
-        out = work / f"task-replies-{s}-{model}.json"
-        kind = SYSTEMS[s]["kind"]
-        threads = SYSTEMS[s].get("threads", 2) if kind != "qwen-edge" else None  # ours: the artifact's profile
-        replies[s] = task_rates.collect(s, reqs_path, out, command(kind, artifacts[s]["path"], threads), run)
-        out.unlink()
+        else:
+            replies[s] = system_replies(s, artifacts[s], reqs, model, work, nice)
     result = task_rates.grade(suites, replies, Tokenizer.from_file(str(hf_dir / "tokenizer.json")))
     reference = replies[REFERENCE_SIDE]
     result["divergence"] = {s: harness.divergence(replies[s], reference) for s in replies if s != REFERENCE_SIDE}
     for name, row in [*result["suites"].items(), ("overall", result["overall"])]:
         log(f"{model} tasks {name}: " + ", ".join(f"{s} {row[s]:.1%}" for s in replies))
     return result
+
+
+def task_requests(hf_dir: Path, suites: dict) -> dict:
+    """The task requests of `suites` with the model's chat template and eos ids."""
+    import task_rates
+    from transformers import AutoTokenizer
+
+    eos = json.loads((hf_dir / "config.json").read_text())["eos_token_id"]
+    return task_rates.requests(AutoTokenizer.from_pretrained(hf_dir), eos if isinstance(eos, list) else [eos], suites)
+
+
+def system_replies(system: str, artifact: dict, reqs: dict, model: str, work: Path, nice: int) -> dict:
+    """A system's greedy replies to task requests, cached by what they depend on (`_replies_key`)."""
+    kind = SYSTEMS[system]["kind"]
+    threads = SYSTEMS[system].get("threads", 2) if kind != "qwen-edge" else None  # ours: the artifact's profile
+    cache = work / f"replies-{system}-{model}-{_replies_key(system, artifact)}.json"
+    return _replies(system, kind, artifact["path"], threads, reqs, cache, model, work, nice)
+
+
+def _replies_key(system: str, artifact: dict) -> str:
+    """What a system's greedy replies depend on: its artifact (ours: the manifest, which hashes every file),
+    the code and locked packages that run it, and the CPU (kernels round differently per instruction set)."""
+    kind = SYSTEMS[system]["kind"]
+    path = Path(artifact["path"])
+    if kind == "qwen-edge":
+        runtime = sorted((ROOT / "runtimes" / "qwen_edge").rglob("*.py"))
+        parts = [(path / "manifest.json").read_bytes(), *(f.read_bytes() for f in runtime)]
+        parts.append((ROOT / "requirements" / "dev.txt").read_bytes())
+    else:
+        parts = [str(path), _code_hash(kind)]
+    return _sha(
+        json.dumps(SYSTEMS[system], sort_keys=True), *parts, (ANCHORS / SCRIPT_OF[kind]).read_bytes(), _cpu_name()
+    )[:12]
+
+
+def _replies(
+    side: str, kind: str, target, threads: int | None, reqs: dict, cache: Path, model: str, work: Path, nice: int
+) -> dict:
+    """`side`'s replies to `reqs`: those in `cache`, the others from its anchor's `replies` subcommand (a fresh
+    process, `target` its model) and added to the cache."""
+    import task_rates
+
+    def ask(missing: dict) -> dict:
+        log(f"{model}: task replies of {side} ({len(missing['items'])} of {len(reqs['items'])} not cached)")
+        stem = re.sub(r"[^A-Za-z0-9.-]+", "-", side)
+        path, out = work / f"task-requests-{stem}-{model}.json", work / f"task-replies-{stem}-{model}.json"
+        path.write_text(json.dumps(missing))
+        extra = ["--threads", threads] if threads else []
+        cmd = [
+            _python(kind),
+            ANCHORS / SCRIPT_OF[kind],
+            "replies",
+            "--model",
+            target,
+            "--requests",
+            path,
+            "--out",
+            out,
+        ]
+        _run_json([*cmd, *extra], f"task replies of {side}", nice, timeout=4 * 3600, progress=True)
+        got = json.loads(out.read_text(encoding="utf-8"))
+        out.unlink()
+        return got
+
+    return task_rates.cached_replies(reqs, cache, ask)
 
 
 # -- speculative decoding -----------------------------------------------------------------------------

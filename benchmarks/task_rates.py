@@ -3,8 +3,9 @@ from the same prompt ids, greedily, in its own process and runtime (the anchors'
 and every reply is decoded with the model's tokenizer, cut at the first stop string and graded by the
 task check's own code (``edge.check.tasks``), so the systems differ only in the tokens they produce.
 
-The transformers fp32 replies are the reference column; they are cached per model and request, so a run
-that adds a suite computes only the new items' replies.
+The transformers fp32 replies are the reference column. Every side's replies are cached per request
+(`cached_replies`; a system's by what its replies depend on, `run.py`'s `_replies_key`), so a run that adds a
+suite or a system computes only the new replies.
 """
 
 from __future__ import annotations
@@ -68,9 +69,3 @@ def cached_replies(reqs: dict, cache: Path, replies_of: Callable[[dict], dict]) 
         tmp.write_text(json.dumps(known), encoding="utf-8")
         tmp.replace(cache)
     return {name: known[keys[name]] for name in reqs["items"]}
-
-
-def collect(system: str, reqs_path: Path, out: Path, command: Callable[[Path, Path], list], run_json) -> dict:
-    """One system's replies: its anchor's ``replies`` subcommand, in a fresh process (`run_json`)."""
-    run_json(command(reqs_path, out), f"task replies of {system}")
-    return json.loads(out.read_text(encoding="utf-8"))

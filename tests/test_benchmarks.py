@@ -371,6 +371,19 @@ def test_reference_replies_are_cached_per_request(tmp_path):
     assert asked == [["a/1"], ["b/1"], ["a/1"]] and not list(tmp_path.glob("*.partial"))
 
 
+def test_a_systems_replies_are_keyed_by_its_artifact_and_the_code_that_runs_it(tmp_path):
+    run = _load("bench_run", ROOT / "benchmarks" / "run.py")
+    art = tmp_path / "art"
+    art.mkdir()
+    (art / "manifest.json").write_text('{"files": {"model.onnx.data": {"sha256": "a"}}}')
+    key = run._replies_key("qwen-edge-int4", {"path": str(art)})
+    assert key == run._replies_key("qwen-edge-int4", {"path": str(art)})
+    assert key != run._replies_key("qwen-edge-int4-1t", {"path": str(art)})  # another thread count
+    (art / "manifest.json").write_text('{"files": {"model.onnx.data": {"sha256": "b"}}}')
+    assert key != run._replies_key("qwen-edge-int4", {"path": str(art)})
+    assert run._replies_key("llamacpp", {"path": "q.gguf"}) != run._replies_key("llamacpp-1t", {"path": "q.gguf"})
+
+
 def test_humaneval_problems_grade_their_canonical_solutions_as_passed_and_the_stub_as_failed():
     """All 164 problems through the task check's grader: the canonical solution in a reply passes, a reply
     that restates only the function gets the prompt's imports and helpers, and a reply with no function
