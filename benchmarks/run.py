@@ -716,7 +716,7 @@ def _replies(
     process, `target` its model) and added to the cache."""
     import task_rates
 
-    def ask(missing: dict) -> dict:
+    def ask(missing: dict, keep) -> dict:
         log(f"{model}: task replies of {side} ({len(missing['items'])} of {len(reqs['items'])} not cached)")
         stem = re.sub(r"[^A-Za-z0-9.-]+", "-", side)
         path, out = work / f"task-requests-{stem}-{model}.json", work / f"task-replies-{stem}-{model}.json"
@@ -733,7 +733,15 @@ def _replies(
             "--out",
             out,
         ]
-        _run_json([*cmd, *extra], f"task replies of {side}", nice, timeout=4 * 3600, progress=True)
+        partial = out.with_name(out.name + ".partial")
+        partial.unlink(missing_ok=True)  # an earlier run's: its replies may answer other requests
+        try:
+            _run_json([*cmd, *extra], f"task replies of {side}", nice, timeout=4 * 3600, progress=True)
+        except (BenchError, KeyboardInterrupt):
+            if partial.exists():  # each reply in it is whole: keep them, so a re-run asks only for the rest
+                keep(json.loads(partial.read_text(encoding="utf-8")))
+                partial.unlink()
+            raise
         got = json.loads(out.read_text(encoding="utf-8"))
         out.unlink()
         return got

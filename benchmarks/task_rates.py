@@ -56,16 +56,20 @@ def _key(eos: list[int], request: Mapping) -> str:
     return hashlib.sha256(json.dumps([eos, request], sort_keys=True).encode()).hexdigest()
 
 
-def cached_replies(reqs: dict, cache: Path, replies_of: Callable[[dict], dict]) -> dict:
+def cached_replies(reqs: dict, cache: Path, replies_of: Callable[[dict, Callable[[dict], None]], dict]) -> dict:
     """The replies to ``reqs`` from ``cache`` (a JSON file of request key -> new token ids), with those it
-    lacks asked of ``replies_of`` (a requests dict holding only them -> their replies by name) and added to it."""
+    lacks asked of ``replies_of(requests holding only them, keep)`` (-> their replies by name) and added to
+    it. ``replies_of`` hands ``keep`` the replies it has when it fails, so that a re-run asks only for the rest."""
     known = json.loads(cache.read_text(encoding="utf-8")) if cache.exists() else {}
     keys = {name: _key(reqs["eos"], r) for name, r in reqs["items"].items()}
     missing = {name: r for name, r in reqs["items"].items() if keys[name] not in known}
-    if missing:
-        got = replies_of({"eos": reqs["eos"], "items": missing})
-        known.update({keys[name]: got[name] for name in missing})
+
+    def keep(got: dict) -> None:
+        known.update({keys[name]: ids for name, ids in got.items() if name in missing})
         tmp = cache.with_name(cache.name + ".partial")
         tmp.write_text(json.dumps(known), encoding="utf-8")
         tmp.replace(cache)
+
+    if missing:
+        keep(replies_of({"eos": reqs["eos"], "items": missing}, keep))
     return {name: known[keys[name]] for name in reqs["items"]}

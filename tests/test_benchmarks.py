@@ -356,7 +356,7 @@ def test_reference_replies_are_cached_per_request(tmp_path):
     task_rates = _load("bench_task_rates", ROOT / "benchmarks" / "task_rates.py")
     asked = []
 
-    def replies_of(reqs):
+    def replies_of(reqs, keep):
         asked.append(sorted(reqs["items"]))
         return {name: [len(r["ids"])] for name, r in reqs["items"].items()}
 
@@ -369,6 +369,47 @@ def test_reference_replies_are_cached_per_request(tmp_path):
     longer = {"a/1": {**one["a/1"], "max_new_tokens": 9}}
     task_rates.cached_replies({"eos": [0], "items": longer}, cache, replies_of)
     assert asked == [["a/1"], ["b/1"], ["a/1"]] and not list(tmp_path.glob("*.partial"))
+
+
+def test_replies_a_failed_run_had_are_kept_and_a_rerun_asks_only_for_the_rest(tmp_path):
+    """An anchor writes each reply to OUT.partial as it goes; what a stopped run had stays in the cache."""
+    import json
+
+    common = _load("bench_anchor_common", ROOT / "benchmarks" / "anchors" / "common.py")
+    task_rates = _load("bench_task_rates", ROOT / "benchmarks" / "task_rates.py")
+    items = {f"s/{i}": {"ids": [i], "max_new_tokens": 4, "stops": []} for i in range(3)}
+    (tmp_path / "req.json").write_text(json.dumps({"eos": [0], "items": items}))
+    out = str(tmp_path / "out.json")
+
+    def reply_of(ids, limit, stops, eos):
+        if ids == [2]:
+            raise KeyboardInterrupt  # stopped during the third request
+        return [ids[0] + 10]
+
+    with pytest.raises(KeyboardInterrupt):
+        common.write_replies(str(tmp_path / "req.json"), out, reply_of)
+    partial = json.loads((tmp_path / "out.json.partial").read_text())
+    assert partial == {"s/0": [10], "s/1": [11]} and not (tmp_path / "out.json").exists()
+
+    asked, cache = [], tmp_path / "cache.json"
+
+    def stopped(reqs, keep):
+        asked.append(sorted(reqs["items"]))
+        keep(partial)
+        raise RuntimeError("stopped")
+
+    with pytest.raises(RuntimeError):
+        task_rates.cached_replies({"eos": [0], "items": items}, cache, stopped)
+
+    def rest(reqs, keep):
+        asked.append(sorted(reqs["items"]))
+        return {name: [99] for name in reqs["items"]}
+
+    got = task_rates.cached_replies({"eos": [0], "items": items}, cache, rest)
+    assert got == {"s/0": [10], "s/1": [11], "s/2": [99]} and asked == [["s/0", "s/1", "s/2"], ["s/2"]]
+    assert common.write_replies(str(tmp_path / "req.json"), out, lambda *a: [5])["replies"] == 3
+    assert json.loads((tmp_path / "out.json").read_text()) == {f"s/{i}": [5] for i in range(3)}
+    assert not (tmp_path / "out.json.partial").exists()
 
 
 def test_a_systems_replies_are_keyed_by_its_artifact_and_the_code_that_runs_it(tmp_path):

@@ -7,7 +7,8 @@
   `[n, vocab]` logits per name out (written to a temp file, renamed at the end),
 - the `replies` contract (task pass rates): a JSON file of named greedy requests in (prompt ids, a
   new-token limit, stop strings, the eos ids), each reply's new token ids out; the caller decodes,
-  cuts at the first stop string and grades, so every system is graded by the same code.
+  cuts at the first stop string and grades, so every system is graded by the same code. The replies so
+  far stand in `OUT.partial` after each one, so a run that is stopped keeps them.
 """
 
 from __future__ import annotations
@@ -142,7 +143,8 @@ def write_replies(
     requests_path: str, out_path: str, reply_of: Callable[[list[int], int, list[str], set], list]
 ) -> dict:
     """Run `reply_of(ids, max_new_tokens, stops, eos) -> new token ids` (greedy; stopping at an eos id,
-    not included, or once the decoded reply holds a stop string) on every request; save JSON atomically."""
+    not included, or once the decoded reply holds a stop string) on every request; save JSON atomically,
+    the replies so far in `out_path`.partial after each one (renamed to `out_path` at the end)."""
     try:
         with open(requests_path, encoding="utf-8") as f:
             requests = json.load(f)
@@ -151,20 +153,29 @@ def write_replies(
     except (OSError, ValueError, KeyError, TypeError) as e:
         fail(f"cannot read the requests file {requests_path}: {e}; let benchmarks/run.py write it")
     out, start = {}, time.perf_counter()
+    partial = out_path + ".partial"
     for n, (name, req) in enumerate(items.items(), 1):
         out[name] = [
             int(t) for t in reply_of([int(i) for i in req["ids"]], int(req["max_new_tokens"]), req["stops"], eos)
         ]
+        _write_json(partial, out)
         print(f"replies {n}/{len(items)}: {name} ({len(out[name])} tokens)", file=sys.stderr, flush=True)
-    tmp = out_path + ".partial"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(out, f)
-    os.replace(tmp, out_path)
+    if not items:
+        _write_json(partial, out)
+    os.replace(partial, out_path)
     return {
         "replies": len(out),
         "tokens": sum(map(len, out.values())),
         "seconds": round(time.perf_counter() - start, 1),
     }
+
+
+def _write_json(path: str, data) -> None:
+    """`data` as JSON at `path`, replaced whole (a reader never sees half a file)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f)
+    os.replace(tmp, path)
 
 
 def greedy_reply(
