@@ -352,7 +352,7 @@ def paired_change(result: Mapping[str, Any], side: str, reference: str) -> Chang
     if not outcomes:
         raise TaskCheckError("no task items to compare")
     diff = np.array([int(o[side]["passed"]) - int(o[reference]["passed"]) for o in outcomes], dtype=np.int8)
-    picks = np.random.default_rng(0).integers(0, len(diff), size=(RESAMPLES, len(diff)))
+    picks = np.random.default_rng(0).integers(0, len(diff), size=(RESAMPLES, len(diff)), dtype=np.int32)
     low, high = np.percentile(diff[picks].mean(axis=1), [2.5, 97.5])
     return Change(float(diff.mean()), int((diff > 0).sum()), int((diff < 0).sum()), float(low), float(high))
 
