@@ -144,7 +144,7 @@ def write_replies(
 ) -> dict:
     """Run `reply_of(ids, max_new_tokens, stops, eos) -> new token ids` (greedy; stopping at an eos id,
     not included, or once the decoded reply holds a stop string) on every request; save JSON atomically,
-    the replies so far in `out_path`.partial after each one (renamed to `out_path` at the end)."""
+    the replies so far in `out_path`.partial after each one (removed once `out_path` is written)."""
     try:
         with open(requests_path, encoding="utf-8") as f:
             requests = json.load(f)
@@ -160,9 +160,8 @@ def write_replies(
         ]
         _write_json(partial, out)
         print(f"replies {n}/{len(items)}: {name} ({len(out[name])} tokens)", file=sys.stderr, flush=True)
-    if not items:
-        _write_json(partial, out)
-    os.replace(partial, out_path)
+    _write_json(out_path, out)
+    Path(partial).unlink(missing_ok=True)
     return {
         "replies": len(out),
         "tokens": sum(map(len, out.values())),
